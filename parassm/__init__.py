@@ -1,0 +1,22 @@
+import importlib.metadata
+
+from . import linear as linear, systems as systems
+from ._evaluate import evaluate as evaluate, scan as scan
+from ._solution import RESULTS as RESULTS, Solution as Solution
+from ._solvers._base import AbstractSolver as AbstractSolver
+from ._solvers._parallel import AbstractParallelSolver as AbstractParallelSolver
+from ._solvers.block import BlockQuasiDEER as BlockQuasiDEER
+from ._solvers.deer import DEER as DEER
+from ._solvers.jacobi import Jacobi as Jacobi
+from ._solvers.picard import Picard as Picard
+from ._solvers.quasi_deer import (
+    AbstractDiagonal as AbstractDiagonal,
+    ExactDiagonal as ExactDiagonal,
+    FunctionDiagonal as FunctionDiagonal,
+    HutchinsonDiagonal as HutchinsonDiagonal,
+    QuasiDEER as QuasiDEER,
+)
+from ._solvers.sequential import Sequential as Sequential
+
+
+__version__ = importlib.metadata.version("parassm")

@@ -1,0 +1,167 @@
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, PyTree
+
+from ._problem import check_same_structure, check_state, step_output, time_length
+from ._solution import RESULTS, Solution
+from ._solvers._base import AbstractSolver
+from ._solvers.quasi_deer import QuasiDEER
+from ._solvers.sequential import Sequential
+
+
+def _check_init(init: PyTree, s0: PyTree, length: int) -> PyTree:
+    init = jtu.tree_map(jnp.asarray, init)
+    if jtu.tree_structure(init) != jtu.tree_structure(s0):
+        raise ValueError(
+            f"`init` has PyTree structure {jtu.tree_structure(init)}, but it must be a "
+            f"trajectory shaped like `s0` ({jtu.tree_structure(s0)}) with a leading "
+            "time axis."
+        )
+    for (path, g), s in zip(jtu.tree_flatten_with_path(init)[0], jtu.tree_leaves(s0)):
+        if g.shape != (length,) + s.shape:
+            raise ValueError(
+                f"`init{jtu.keystr(path)}` has shape {g.shape}; expected "
+                f"{(length,) + s.shape} (T={length} copies of the state's shape)."
+            )
+    return init
+
+
+@eqx.filter_jit
+def evaluate(
+    f: Callable[[PyTree[Array], Any], PyTree[Array]],
+    s0: PyTree[Array],
+    T: int | None = None,
+    *,
+    xs: PyTree | None = None,
+    solver: AbstractSolver = QuasiDEER(),
+    init: PyTree[Array] | None = None,
+    max_steps: int | None = None,
+    throw: bool = True,
+) -> Solution:
+    r"""Evaluate the recurrence $s_t = f(s_{t-1}, x_t)$, $t = 1, \ldots, T$.
+
+    Parallel solvers treat the whole trajectory as the unknown of the residual system
+    $s_t - f(s_{t-1}, x_t) = 0$ and solve it by (quasi-)Newton iterations, each one a
+    linear recurrence solved by a parallel associative scan.
+
+    **Arguments:**
+
+    - `f`: the step function `f(state, x) -> next_state`. The state is any PyTree of
+        floating-point arrays; the new state must have the same structure, shapes and
+        dtypes. `x` is the slice `xs[t]`, or `None` when `xs` is `None`.
+    - `s0`: the initial state $s_0$ (not part of the output).
+    - `T`: the number of steps. May be omitted when `xs` is given; if both are given
+        they must agree.
+    - `xs`: Keyword only argument. Inputs: a PyTree whose leaves share a leading time
+        axis of length `T`, or `None`.
+    - `solver`: Keyword only argument. The solver, e.g. [`parassm.QuasiDEER`][] (the
+        default), [`parassm.DEER`][] or [`parassm.Sequential`][].
+    - `init`: Keyword only argument. An initial guess for the whole trajectory (warm
+        start), shaped like the output. Defaults to `s0` repeated. Steps of the guess
+        that are not finite are replaced by `s0`.
+    - `max_steps`: Keyword only argument. The most parallel iterations to take.
+        Defaults to `T`, which is always enough for the DEER family (causality).
+    - `throw`: Keyword only argument. If True (default), raise an error when the
+        evaluation fails. If False, return the failure in `Solution.result`; this also
+        works under `jax.vmap`, giving one result per batch element.
+
+    **Returns:**
+
+    A [`parassm.Solution`][]. Its `value` is the trajectory $s_1, \ldots, s_T$ with a
+    leading time axis; `result` is [`parassm.RESULTS.successful`][parassm.RESULTS] only
+    if the residual meets the solver's tolerance everywhere.
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp
+        import parassm
+
+        def f(s, x):
+            return jnp.tanh(0.5 * s + x)
+
+        xs = jnp.linspace(-1.0, 1.0, 1000)
+        sol = parassm.evaluate(f, jnp.array(0.0), xs=xs, solver=parassm.DEER())
+        sol.value.shape  # (1000,)
+        ```
+    """
+    if not isinstance(solver, AbstractSolver):
+        raise TypeError(
+            f"`solver` must be a parassm solver (e.g. `parassm.QuasiDEER()`), got "
+            f"{type(solver).__name__}."
+        )
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
+        raise ValueError(
+            f"`max_steps` must be a non-negative int or None, got {max_steps!r}."
+        )
+    length = time_length(xs, T)
+    s0 = check_state(s0, floating=not isinstance(solver, Sequential))
+    check_same_structure(step_output(f, s0, xs), s0, "`f`")
+    if init is not None:
+        init = _check_init(init, s0, length)
+    value, result, stats = solver.solve(f, s0, xs, length, init, max_steps)
+    if throw:
+        value, stats = result.error_if((value, stats), result != RESULTS.successful)
+    return Solution(value=value, result=result, stats=stats)
+
+
+def scan(
+    f: Callable[[PyTree[Array], Any], tuple[PyTree[Array], Any]],
+    init: PyTree[Array],
+    xs: PyTree | None = None,
+    length: int | None = None,
+    reverse: bool = False,
+    unroll: int | bool = 1,
+    *,
+    solver: AbstractSolver = QuasiDEER(),
+    max_steps: int | None = None,
+    throw: bool = True,
+) -> tuple[PyTree[Array], Any]:
+    """A drop-in replacement for `jax.lax.scan` that evaluates the carry recurrence in
+    parallel.
+
+    `f(carry, x) -> (carry, y)` as for `jax.lax.scan`; returns `(final_carry, ys)`. The
+    carries are found by [`parassm.evaluate`][] with `solver`; the outputs `ys` then
+    come from one more vectorised call of `f`. With `solver=parassm.Sequential()` this
+    is `jax.lax.scan` itself, bit for bit.
+
+    **Arguments:**
+
+    - `f`, `init`, `xs`, `length`, `reverse`, `unroll`: as for `jax.lax.scan`
+        (`unroll` only affects [`parassm.Sequential`][]).
+    - `solver`, `max_steps`, `throw`: Keyword only arguments, as for
+        [`parassm.evaluate`][].
+
+    **Returns:**
+
+    `(final_carry, ys)`, like `jax.lax.scan`.
+    """
+    if isinstance(solver, Sequential):
+        return lax.scan(f, init, xs, length=length, reverse=reverse, unroll=unroll)
+    T = time_length(xs, length)
+    if reverse and xs is not None:
+        xs = jtu.tree_map(lambda x: jnp.flip(x, axis=0), xs)
+
+    def carry_step(carry, x):
+        return f(carry, x)[0]
+
+    sol = evaluate(
+        carry_step, init, T, xs=xs, solver=solver, max_steps=max_steps, throw=throw
+    )
+    carries = sol.value
+    init = jtu.tree_map(jnp.asarray, init)
+    prev = jtu.tree_map(
+        lambda s0, s: jnp.concatenate([s0[None], s[:-1]]), init, carries
+    )
+    in_axes = (0, None if xs is None else 0)
+    ys = jax.vmap(lambda c, x: f(c, x)[1], in_axes=in_axes)(prev, xs)
+    if reverse:
+        ys = jtu.tree_map(lambda y: jnp.flip(y, axis=0), ys)
+    final = jtu.tree_map(lambda s: s[-1], carries)
+    return final, ys

@@ -1,0 +1,149 @@
+"""Trace-time validation, and the flat view of a recurrence the parallel solvers use."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, PyTree
+
+
+def _leaf_name(root: str, path) -> str:
+    return root + jtu.keystr(path)
+
+
+def time_length(xs: PyTree | None, T: int | None) -> int:
+    """The number of steps, from `T` and/or the leading axis of `xs`, checked."""
+    if T is not None and not isinstance(T, int | jnp.integer):
+        raise TypeError(f"`T` must be a Python int, got {type(T).__name__}.")
+    lengths = {}
+    if xs is not None:
+        for path, leaf in jtu.tree_flatten_with_path(xs)[0]:
+            shape = jnp.shape(leaf)
+            if len(shape) == 0:
+                raise ValueError(
+                    f"{_leaf_name('xs', path)} is a scalar; every leaf of `xs` needs a "
+                    "leading time axis (shape (T, ...))."
+                )
+            lengths[_leaf_name("xs", path)] = shape[0]
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{k}: {v}" for k, v in lengths.items())
+        raise ValueError(
+            f"The leaves of `xs` have different lengths along the time axis ({listed}); "
+            "they must all have the same leading dimension T."
+        )
+    if lengths:
+        length = next(iter(lengths.values()))
+        if T is not None and int(T) != length:
+            raise ValueError(
+                f"`T={T}` but `xs` has {length} time steps; pass matching values or "
+                "omit `T`."
+            )
+    elif T is None:
+        raise ValueError(
+            "The number of steps is unknown: pass `T` (or `length`), or inputs `xs` "
+            "with a leading time axis."
+        )
+    else:
+        length = int(T)
+    if length < 1:
+        raise ValueError(
+            f"The number of steps must be at least 1, got {length}: there is nothing "
+            "to evaluate."
+        )
+    return length
+
+
+def check_state(s0: PyTree, *, floating: bool) -> PyTree[Array]:
+    """Convert the leaves of `s0` to arrays and check their dtypes."""
+    s0 = jtu.tree_map(jnp.asarray, s0)
+    leaves = jtu.tree_flatten_with_path(s0)[0]
+    if not leaves:
+        raise ValueError("`s0` has no array leaves; the state must hold at least one.")
+    if floating:
+        for path, leaf in leaves:
+            if not jnp.issubdtype(leaf.dtype, jnp.floating):
+                raise TypeError(
+                    f"{_leaf_name('s0', path)} has dtype {leaf.dtype}: parallel solvers "
+                    "need floating-point states (they take derivatives). Cast it, e.g. "
+                    "`.astype(jnp.float32)`, or use `solver=parassm.Sequential()`."
+                )
+        dtypes = {leaf.dtype for _, leaf in leaves}
+        if len(dtypes) > 1:
+            listed = ", ".join(f"{_leaf_name('s0', p)}: {l.dtype}" for p, l in leaves)
+            raise TypeError(
+                f"The leaves of `s0` have different dtypes ({listed}); cast them to one "
+                "floating-point dtype."
+            )
+    return s0
+
+
+def step_output(f: Callable, s0: PyTree, xs: PyTree | None) -> Any:
+    """The output structure of `f(s0, xs[0])`, as `jax.ShapeDtypeStruct`s."""
+    x0 = None if xs is None else jtu.tree_map(lambda x: x[0], xs)
+    return eqx.filter_eval_shape(f, s0, x0)
+
+
+def check_same_structure(out: PyTree, s0: PyTree, what: str) -> None:
+    out_def = jtu.tree_structure(out)
+    s0_def = jtu.tree_structure(s0)
+    if out_def != s0_def:
+        raise ValueError(
+            f"{what} returned a state with PyTree structure {out_def}, but `s0` has "
+            f"structure {s0_def}; the new state must have the same structure as the old."
+        )
+    for (path, o), s in zip(jtu.tree_flatten_with_path(out)[0], jtu.tree_leaves(s0)):
+        name = _leaf_name("state", path)
+        if o.shape != s.shape:
+            raise ValueError(
+                f"{what} returned {name} with shape {o.shape}, but the same leaf of "
+                f"`s0` has shape {s.shape}; the new state must have the same shape."
+            )
+        if o.dtype != s.dtype:
+            raise TypeError(
+                f"{what} returned {name} with dtype {o.dtype}, but the same leaf of `s0` "
+                f"has dtype {s.dtype}; cast inside the step function or pass `s0` with "
+                "the dtype it returns."
+            )
+
+
+class Flat(eqx.Module):
+    """A recurrence on flat vectors: `fn(s, x)` with `s` of shape `(D,)`."""
+
+    fn: Callable = eqx.field(static=True)
+    unravel: Callable = eqx.field(static=True)
+    s0: Array
+
+    @property
+    def size(self) -> int:
+        return self.s0.shape[0]
+
+
+def flatten(f: Callable, s0: PyTree[Array]) -> Flat:
+    """View `f` as a map on one flat vector (the state's leaves, concatenated)."""
+    leaves, treedef = jtu.tree_flatten(s0)
+    shapes = [leaf.shape for leaf in leaves]
+    sizes = [leaf.size for leaf in leaves]
+    dtype = leaves[0].dtype
+
+    def ravel(tree):
+        return jnp.concatenate([jnp.ravel(x) for x in jtu.tree_leaves(tree)])
+
+    def unravel(flat):
+        pieces, start = [], 0
+        for shape, size in zip(shapes, sizes):
+            pieces.append(flat[start : start + size].reshape(shape))
+            start += size
+        return jtu.tree_unflatten(treedef, pieces)
+
+    def fn(s, x):
+        return ravel(f(unravel(s), x))
+
+    s0_flat = ravel(s0) if len(leaves) > 1 else jnp.ravel(leaves[0])
+    return Flat(fn, unravel, s0_flat.astype(dtype))
+
+
+def unravel_trajectory(flat: Flat, states: Array) -> PyTree[Array]:
+    return jax.vmap(flat.unravel)(states)

@@ -1,0 +1,48 @@
+from typing import Any
+
+import equinox as eqx
+from jaxtyping import Array, PyTree
+
+
+class RESULTS(eqx.Enumeration):
+    """The outcome of [`parassm.evaluate`][] / [`parassm.scan`][].
+
+    Compare with `==`, e.g. `solution.result == parassm.RESULTS.successful`; this works
+    under `jit` and `vmap`.
+    """
+
+    successful = ""
+    max_steps_reached = (
+        "The parallel solver did not converge within `max_steps` iterations: the "
+        "residual `s_t - f(s_{t-1}, x_t)` is still above the tolerance. The system may "
+        "be unpredictable (largest Lyapunov exponent > 0) or strongly nonlinear, so "
+        "parallel evaluation does not pay off: use `parassm.Sequential()` or "
+        "`parassm.Auto()`, a solver with a better Jacobian (`parassm.DEER()`), or raise "
+        "`max_steps` (T is always enough for the DEER family)."
+    )
+    nonfinite = (
+        "The trajectory is not finite: `f` returned NaN or Inf from a converged, finite "
+        "state, so sequential evaluation produces NaN/Inf too. Check `f`, `s0` and `xs` "
+        "(`jax.config.update('jax_debug_nans', True)` finds the operation)."
+    )
+
+
+class Solution(eqx.Module):
+    """The result of evaluating a recurrence.
+
+    **Attributes:**
+
+    - `value`: the trajectory $s_1, \\ldots, s_T$: a PyTree with the structure of `s0`,
+        each leaf with a leading time axis of length `T`.
+    - `result`: a [`parassm.RESULTS`][] code. `result == RESULTS.successful` exactly
+        when the residual meets the solver's tolerance (`stats["residual"] <= 1`).
+    - `stats`: a dictionary of scalars: `num_steps` (parallel iterations taken),
+        `max_steps`, `residual` (the largest scaled residual
+        $\\max_{t,i} |r_{t,i}| / (\\mathrm{atol} + \\mathrm{rtol} |f_i(s_{t-1}, x_t)|)$,
+        at most 1 on success), `max_abs_residual` ($\\max_{t,i} |r_{t,i}|$) and
+        `converged_prefix` (the number of leading time steps that meet the tolerance).
+    """
+
+    value: PyTree[Array]
+    result: RESULTS
+    stats: dict[str, Any]

@@ -1,0 +1,43 @@
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, PyTree
+
+from .._solution import RESULTS
+
+
+class AbstractSolver(eqx.Module):
+    """Base class of every solver: something that evaluates `s_t = f(s_{t-1}, x_t)`
+    for `t = 1..T`."""
+
+    @abc.abstractmethod
+    def solve(
+        self,
+        f: Callable,
+        s0: PyTree[Array],
+        xs: PyTree | None,
+        length: int,
+        init: PyTree[Array] | None,
+        max_steps: int | None,
+    ) -> tuple[PyTree[Array], RESULTS, dict[str, Array]]:
+        """Evaluate the trajectory. Inputs are already validated by
+        [`parassm.evaluate`][]; returns `(value, result, stats)`."""
+
+
+def default_tolerance(dtype) -> float:
+    """`eps ** 0.7` of the dtype: about 1.4e-5 in float32, 1.1e-11 in float64.
+
+    Comfortably above the rounding floor of a converged Newton iterate (a few `eps`
+    relative to the state), so convergence is decided by the solver and not by noise.
+    """
+    return float(jnp.finfo(dtype).eps) ** 0.7
+
+
+def check_tolerances(rtol: float | None, atol: float | None) -> None:
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and not value > 0:
+            raise ValueError(
+                f"`{name}` must be positive (or None for the default), got {value}."
+            )
