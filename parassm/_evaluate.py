@@ -97,9 +97,7 @@ def evaluate(
             f"{type(solver).__name__}."
         )
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
-        raise ValueError(
-            f"`max_steps` must be a non-negative int or None, got {max_steps!r}."
-        )
+        raise ValueError(f"`max_steps` must be a non-negative int or None, got {max_steps!r}.")
     length = time_length(xs, T)
     s0 = check_state(s0, floating=not isinstance(solver, Sequential))
     check_same_structure(step_output(f, s0, xs), s0, "`f`")
@@ -151,14 +149,10 @@ def scan(
     def carry_step(carry, x):
         return f(carry, x)[0]
 
-    sol = evaluate(
-        carry_step, init, T, xs=xs, solver=solver, max_steps=max_steps, throw=throw
-    )
+    sol = evaluate(carry_step, init, T, xs=xs, solver=solver, max_steps=max_steps, throw=throw)
     carries = sol.value
     init = jtu.tree_map(jnp.asarray, init)
-    prev = jtu.tree_map(
-        lambda s0, s: jnp.concatenate([s0[None], s[:-1]]), init, carries
-    )
+    prev = jtu.tree_map(lambda s0, s: jnp.concatenate([s0[None], s[:-1]]), init, carries)
     in_axes = (0, None if xs is None else 0)
     ys = jax.vmap(lambda c, x: f(c, x)[1], in_axes=in_axes)(prev, xs)
     if reverse:

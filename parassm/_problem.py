@@ -38,8 +38,7 @@ def time_length(xs: PyTree | None, T: int | None) -> int:
         length = next(iter(lengths.values()))
         if T is not None and int(T) != length:
             raise ValueError(
-                f"`T={T}` but `xs` has {length} time steps; pass matching values or "
-                "omit `T`."
+                f"`T={T}` but `xs` has {length} time steps; pass matching values or omit `T`."
             )
     elif T is None:
         raise ValueError(
@@ -50,8 +49,7 @@ def time_length(xs: PyTree | None, T: int | None) -> int:
         length = int(T)
     if length < 1:
         raise ValueError(
-            f"The number of steps must be at least 1, got {length}: there is nothing "
-            "to evaluate."
+            f"The number of steps must be at least 1, got {length}: there is nothing to evaluate."
         )
     return length
 

@@ -129,9 +129,7 @@ class Diagonal(AbstractTransition):
         return self
 
     def as_matrix(self, size: int) -> Array:
-        return jnp.einsum(
-            "ti,ij->tij", self.diagonals, jnp.eye(size, dtype=self.diagonals.dtype)
-        )
+        return jnp.einsum("ti,ij->tij", self.diagonals, jnp.eye(size, dtype=self.diagonals.dtype))
 
 
 class BlockDiagonal(AbstractTransition):
@@ -204,7 +202,7 @@ class Scalar(AbstractTransition):
         return self
 
     def as_matrix(self, size: int) -> Array:
-        return self.scales[:, None, None] * jnp.eye(size, dtype=self.scales.dtype)
+        return self.scales[:, None, None] * jnp.eye(size, dtype=self.scales.dtype)[None]
 
 
 class Zero(AbstractTransition):

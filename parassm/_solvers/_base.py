@@ -38,6 +38,4 @@ def default_tolerance(dtype) -> float:
 def check_tolerances(rtol: float | None, atol: float | None) -> None:
     for name, value in (("rtol", rtol), ("atol", atol)):
         if value is not None and not value > 0:
-            raise ValueError(
-                f"`{name}` must be positive (or None for the default), got {value}."
-            )
+            raise ValueError(f"`{name}` must be positive (or None for the default), got {value}.")

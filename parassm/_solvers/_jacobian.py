@@ -30,9 +30,7 @@ def _map(fn, size: int, batch_size: int | None) -> Array:
 
 def dense(lin: Linear, length: int, size: int, dtype) -> Float[Array, "T D D"]:
     """All `J_t` as dense matrices: `D` JVPs, `O(T D^2)` memory."""
-    basis = jnp.broadcast_to(
-        jnp.eye(size, dtype=dtype)[:, None, :], (size, length, size)
-    )
+    basis = jnp.broadcast_to(jnp.eye(size, dtype=dtype)[:, None, :], (size, length, size))
     columns = jax.vmap(lin)(basis)  # [j, t, i] = J_t[i, j]
     return jnp.transpose(columns, (1, 2, 0))
 
@@ -53,9 +51,14 @@ def diagonal(
 def block_diagonal(
     lin: Linear, length: int, size: int, block_size: int, dtype, batch_size: int | None
 ) -> Float[Array, "T nb k k"]:
-    """The `k x k` diagonal blocks of all `J_t`: `D` JVPs, `O(T D k)` memory."""
+    """The `k x k` diagonal blocks of all `J_t`: `D` JVPs; `O(T D k)` memory when the
+    columns are taken `batch_size` at a time, `O(T D^2)` transiently otherwise."""
     k = block_size
     nb = size // k
+    if batch_size is None or batch_size >= size:
+        # All columns at once: cut the blocks out of the dense Jacobians.
+        full = dense(lin, length, size, dtype).reshape(length, nb, k, nb, k)
+        return jnp.einsum("tbibj->tbij", full)
 
     def column(j):
         col = lin(_unit(j, length, size, dtype))  # [t, i]

@@ -127,9 +127,7 @@ class AbstractParallelSolver(AbstractSolver):
             def update():
                 A = self.transition(flat, xs, s_prev, lin, iteration)
                 a = A.elements()
-                A = A.from_elements(
-                    jnp.where(jnp.isfinite(a), a, jnp.zeros((), a.dtype))
-                )
+                A = A.from_elements(jnp.where(jnp.isfinite(a), a, jnp.zeros((), a.dtype)))
                 keep = times >= p
                 b = jnp.where(keep[:, None], -r, jnp.zeros((), r.dtype))
                 S_new = S + linear.solve(A.mask(keep), b)
@@ -170,8 +168,6 @@ class AbstractParallelSolver(AbstractSolver):
             RESULTS.where(nonfinite, RESULTS.nonfinite, RESULTS.max_steps_reached),
         )
         # A genuinely non-finite trajectory is reported as such, never hidden.
-        S = jnp.where(
-            nonfinite & (times >= stats["converged_prefix"])[:, None], jnp.nan, S
-        )
+        S = jnp.where(nonfinite & (times >= stats["converged_prefix"])[:, None], jnp.nan, S)
         stats = dict(num_steps=num_steps, max_steps=jnp.array(max_steps), **stats)
         return S, result, stats

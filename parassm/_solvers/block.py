@@ -49,7 +49,5 @@ class BlockQuasiDEER(AbstractParallelSolver):
 
     def transition(self, flat, xs, s_prev, lin, iteration):
         T, D = s_prev.shape
-        blocks = jacobian.block_diagonal(
-            lin, T, D, self.block_size, s_prev.dtype, self.batch_size
-        )
+        blocks = jacobian.block_diagonal(lin, T, D, self.block_size, s_prev.dtype, self.batch_size)
         return linear.BlockDiagonal(blocks)

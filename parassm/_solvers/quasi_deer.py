@@ -71,15 +71,11 @@ class HutchinsonDiagonal(AbstractDiagonal):
 
     def __check_init__(self):
         if self.num_samples < 1:
-            raise ValueError(
-                f"`num_samples` must be at least 1, got {self.num_samples}."
-            )
+            raise ValueError(f"`num_samples` must be at least 1, got {self.num_samples}.")
 
     def __call__(self, flat, xs, s_prev, lin, iteration):
         key = jr.fold_in(jr.key(self.seed), iteration)
-        probes = jr.rademacher(
-            key, (self.num_samples,) + s_prev.shape, dtype=s_prev.dtype
-        )
+        probes = jr.rademacher(key, (self.num_samples,) + s_prev.shape, dtype=s_prev.dtype)
         return jnp.mean(probes * jax.vmap(lin)(probes), axis=0)
 
 

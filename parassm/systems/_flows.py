@@ -38,9 +38,7 @@ class Lorenz63(AbstractSystem):
         dtype=None,
     ):
         if integrator not in ("euler", "rk4"):
-            raise ValueError(
-                f"`integrator` must be 'euler' or 'rk4', got {integrator!r}."
-            )
+            raise ValueError(f"`integrator` must be 'euler' or 'rk4', got {integrator!r}.")
         dtype = float_dtype(dtype)
         self.sigma = jnp.asarray(sigma, dtype)
         self.rho = jnp.asarray(rho, dtype)
@@ -51,9 +49,7 @@ class Lorenz63(AbstractSystem):
 
     def vector_field(self, s):
         x, y, z = s[0], s[1], s[2]
-        return jnp.stack(
-            [self.sigma * (y - x), x * (self.rho - z) - y, x * y - self.beta * z]
-        )
+        return jnp.stack([self.sigma * (y - x), x * (self.rho - z) - y, x * y - self.beta * z])
 
     def f(self, s, x):
         h = jnp.asarray(self.dt, s.dtype)
@@ -82,9 +78,7 @@ class TwoWellLangevin(AbstractSystem):
     dt: None = None
     name = "two_well"
 
-    def __init__(
-        self, step: float = 0.01, separation: float = 2.0, s0=(0.0, 0.0), dtype=None
-    ):
+    def __init__(self, step: float = 0.01, separation: float = 2.0, s0=(0.0, 0.0), dtype=None):
         dtype = float_dtype(dtype)
         self.means = jnp.asarray([[separation, 0.0], [-separation, 0.0]], dtype)
         self.s0 = jnp.asarray(s0, dtype)

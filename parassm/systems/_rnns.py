@@ -79,9 +79,7 @@ class GRU(AbstractSystem):
     dt: None = None
     name = "gru"
 
-    def __init__(
-        self, hidden_size: int = 16, input_size: int = 4, key=None, dtype=None
-    ):
+    def __init__(self, hidden_size: int = 16, input_size: int = 4, key=None, dtype=None):
         dtype = float_dtype(dtype)
         key = jr.key(0) if key is None else key
         self.cell = eqx.nn.GRUCell(input_size, hidden_size, key=key, dtype=dtype)
@@ -115,7 +113,5 @@ class S5WordProblem(AbstractSystem):
 
     def inputs(self, T, key=None):
         key = jr.key(1) if key is None else key
-        perms = jr.permutation(
-            key, jnp.tile(jnp.arange(5), (T, 1)), axis=1, independent=True
-        )
+        perms = jr.permutation(key, jnp.tile(jnp.arange(5), (T, 1)), axis=1, independent=True)
         return jnp.eye(5, dtype=self.s0.dtype)[perms]

@@ -1,0 +1,37 @@
+"""Honest timing: compile separately, warm up, block until ready, take the median."""
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def measure(fn: Callable, *args: Any, repeats: int = 5) -> tuple[Any, float, float]:
+    """Compile `jax.jit(fn)` for `args`, then time it.
+
+    **Returns:** `(output, compile_seconds, median_run_seconds)`. The first call after
+    compilation is a warm-up and is not timed; every timed call is followed by
+    `jax.block_until_ready`.
+    """
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    out = jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return out, compile_s, statistics.median(times)
+
+
+def environment() -> dict[str, str]:
+    """jax version, backend and device, to stamp benchmark rows with."""
+    device = jax.devices()[0]
+    return dict(
+        jax_version=jax.__version__,
+        backend=jax.default_backend(),
+        device=getattr(device, "device_kind", str(device)),
+    )

@@ -1,0 +1,354 @@
+import equinox as eqx
+import hypothesis.strategies as st
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import parassm
+import pytest
+from hypothesis import given
+
+from .helpers import random_contraction, sequential, tree_max_abs_diff
+
+
+PARALLEL = [
+    parassm.DEER(),
+    parassm.QuasiDEER(),
+    parassm.QuasiDEER(parassm.HutchinsonDiagonal(num_samples=2)),
+    parassm.BlockQuasiDEER(block_size=1),
+    parassm.Picard(),
+    parassm.Jacobi(),
+]
+SOLVERS = PARALLEL + [parassm.Sequential()]
+IDS = lambda s: type(s).__name__ + ("-H" if "Hutchinson" in repr(s) else "")  # noqa: E731
+
+
+class TanhCell(eqx.Module):
+    """`s -> tanh(W s + U x)`: a contraction when `|W| < 1`."""
+
+    W: jax.Array
+    U: jax.Array
+
+    def __call__(self, s, x):
+        return jnp.tanh(self.W @ s + self.U @ x)
+
+
+def _problem(seed, T, D, contraction, dtype):
+    kw, ku, kx, ks = jr.split(jr.key(seed), 4)
+    cell = TanhCell(random_contraction(kw, D, contraction, dtype), jr.normal(ku, (D, 2), dtype))
+    xs = jr.normal(kx, (T, 2), dtype)
+    s0 = jr.normal(ks, (D,), dtype)
+    return cell, s0, xs
+
+
+# Bounded shapes: a handful of compilations per solver.
+shapes = st.tuples(st.sampled_from([1, 7, 40]), st.sampled_from([1, 3]))
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@given(shape=shapes, contraction=st.floats(0.05, 0.95), seed=st.integers(0, 2**16))
+def test_parity_with_lax_scan(solver, dtype, shape, contraction, seed):
+    T, D = shape
+    cell, s0, xs = _problem(seed, T, D, contraction, dtype)
+    sol = parassm.evaluate(cell, s0, xs=xs, solver=solver)
+    expected = sequential(cell, s0, xs)
+    assert sol.value.dtype == dtype
+    assert sol.result == parassm.RESULTS.successful
+    assert float(sol.stats["residual"]) <= 1
+    assert int(sol.stats["num_steps"]) <= T
+    # The error is bounded by the condition number times the tolerance.
+    tol = 1e-8 if dtype == jnp.float64 else 2e-4
+    assert tree_max_abs_diff(sol.value, expected) < tol
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
+def test_pytree_state_lstm(solver, getkey):
+    cell = eqx.nn.LSTMCell(3, 4, key=getkey())
+    xs = jr.normal(getkey(), (50, 3))
+    s0 = (jnp.zeros(4), jnp.zeros(4))
+
+    def f(state, x):
+        return cell(x, state)
+
+    sol = parassm.evaluate(f, s0, xs=xs, solver=solver)
+    expected = sequential(f, s0, xs)
+    assert isinstance(sol.value, tuple) and sol.value[0].shape == (50, 4)
+    assert tree_max_abs_diff(sol.value, expected) < 1e-8
+
+
+@pytest.mark.parametrize("solver", PARALLEL, ids=IDS)
+def test_dict_state_and_autonomous(solver):
+    def f(state, x):
+        assert x is None
+        return {"a": 0.5 * state["a"] + 0.1 * jnp.sum(jnp.sin(state["b"])), "b": 0.9 * state["b"]}
+
+    s0 = {"a": jnp.ones((2, 2)), "b": jnp.arange(3.0)}
+    sol = parassm.evaluate(f, s0, 30, solver=solver)
+    assert tree_max_abs_diff(sol.value, sequential(f, s0, length=30)) < 1e-9
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_drop_in(solver, reverse, getkey):
+    cell, s0, xs = _problem(0, 25, 3, 0.8, jnp.float64)
+
+    def f(carry, x):
+        new = cell(carry, x)
+        return new, (jnp.sum(new), 2.0 * new)
+
+    carry, ys = parassm.scan(f, s0, xs, reverse=reverse, solver=solver)
+    carry_ref, ys_ref = lax.scan(f, s0, xs, reverse=reverse)
+    assert tree_max_abs_diff((carry, ys), (carry_ref, ys_ref)) < 1e-9
+
+
+def test_sequential_is_lax_scan_bit_for_bit():
+    system = parassm.systems.GRU(hidden_size=8, dtype=jnp.float32)
+    xs = system.inputs(200)
+
+    def f(c, x):
+        c = system.f(c, x)
+        return c, c
+
+    for reverse in (False, True):
+        ours = parassm.scan(f, system.s0, xs, reverse=reverse, solver=parassm.Sequential())
+        ref = lax.scan(f, system.s0, xs, reverse=reverse)
+        for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
+            assert jnp.array_equal(a, b)
+    sol = parassm.evaluate(system.f, system.s0, xs=xs, solver=parassm.Sequential())
+    assert jnp.array_equal(sol.value, lax.scan(f, system.s0, xs)[1])
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_causality_first_k_states_exact(k):
+    # A strongly nonlinear, expansive map: DEER needs many iterations, but after k of
+    # them the first k states are the sequential ones.
+    system = parassm.systems.Logistic(r=3.9, x0=0.3)
+    T = 60
+    sol = parassm.evaluate(system.f, system.s0, T, solver=parassm.DEER(), max_steps=k, throw=False)
+    expected = sequential(system.f, system.s0, length=T)
+    np.testing.assert_allclose(sol.value[:k], expected[:k], rtol=1e-9)
+    assert int(sol.stats["converged_prefix"]) >= k
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_linear_dynamics_one_deer_iteration(dtype, getkey):
+    D, T = 4, 500
+    A = jr.normal(getkey(), (T, D, D), dtype)  # expansive, any spectrum
+    B = jr.normal(getkey(), (T, D), dtype)
+
+    def f(s, x):
+        a, b = x
+        return a @ s + b
+
+    s0 = jnp.ones(D, dtype)
+    rtol = 1e-3 if dtype == jnp.float32 else None
+    sol = parassm.evaluate(f, s0, xs=(A[:20] / 3, B[:20]), solver=parassm.DEER(rtol=rtol))
+    assert int(sol.stats["num_steps"]) == 1
+    # A contraction, long sequence.
+    A = 0.3 * A / jnp.sqrt(D)
+    sol = parassm.evaluate(f, s0, xs=(A, B), solver=parassm.DEER())
+    assert int(sol.stats["num_steps"]) == 1
+
+
+def test_s5_word_problem_deer_one_step_quasi_many():
+    system = parassm.systems.S5WordProblem()
+    xs = system.inputs(100)
+    deer = parassm.evaluate(system.f, system.s0, xs=xs, solver=parassm.DEER())
+    assert int(deer.stats["num_steps"]) == 1
+    expected = sequential(system.f, system.s0, xs)
+    np.testing.assert_allclose(deer.value, expected, atol=1e-9)
+    jacobi = parassm.evaluate(system.f, system.s0, xs=xs, solver=parassm.Jacobi())
+    assert int(jacobi.stats["num_steps"]) > 50
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("solver", [parassm.DEER(), parassm.QuasiDEER()], ids=IDS)
+def test_chaotic_logistic_overflow_recovery(dtype, solver):
+    # LLE = ln 2: products of Jacobians overflow after ~128 (float32) or ~1024
+    # (float64) steps. The solver must still return an honest trajectory.
+    system = parassm.systems.Logistic(r=4.0, dtype=dtype)
+    T = 10_000
+    sol = parassm.evaluate(system.f, system.s0, T, solver=solver, throw=False)
+    assert bool(jnp.all(jnp.isfinite(sol.value)))
+    assert sol.result == parassm.RESULTS.successful
+    assert int(sol.stats["num_steps"]) <= T
+    # Check the residual independently of the solver's own bookkeeping.
+    prev = jnp.concatenate([system.s0[None], sol.value[:-1]])
+    r = jnp.abs(sol.value - jax.vmap(system.f, in_axes=(0, None))(prev, None))
+    tol = parassm.DEER().tolerances(dtype)
+    assert bool(jnp.all(r <= tol[1] + tol[0] * jnp.abs(sol.value - r)))
+
+
+def test_nonfinite_trajectory_is_reported():
+    def f(s, x):
+        return s * s + 1.0  # overflows to inf after ~10 steps from 2
+
+    sol = parassm.evaluate(f, jnp.array(2.0), 30, solver=parassm.DEER(), throw=False)
+    assert sol.result == parassm.RESULTS.nonfinite
+    p = int(sol.stats["converged_prefix"])
+    assert 5 < p < 30
+    assert bool(jnp.all(jnp.isfinite(sol.value[:p])))
+    assert bool(jnp.all(jnp.isnan(sol.value[p:])))
+    with pytest.raises(eqx.EquinoxRuntimeError, match="not finite"):
+        parassm.evaluate(f, jnp.array(2.0), 30, solver=parassm.DEER())
+    seq = parassm.evaluate(f, jnp.array(2.0), 30, solver=parassm.Sequential(), throw=False)
+    assert seq.result == parassm.RESULTS.nonfinite
+
+
+def test_nan_input_is_reported():
+    xs = jnp.ones(10).at[4].set(jnp.nan)
+    sol = parassm.evaluate(lambda s, x: 0.5 * s + x, jnp.array(0.0), xs=xs, throw=False)
+    assert sol.result == parassm.RESULTS.nonfinite
+    assert bool(jnp.isnan(sol.value[4]))
+
+
+def test_max_steps_reached_throw_and_vmap():
+    system = parassm.systems.Logistic(r=3.9)
+    solver = parassm.Jacobi()
+    with pytest.raises(eqx.EquinoxRuntimeError, match="max_steps"):
+        parassm.evaluate(system.f, system.s0, 200, solver=solver, max_steps=5)
+    sol = parassm.evaluate(system.f, system.s0, 200, solver=solver, max_steps=5, throw=False)
+    assert sol.result == parassm.RESULTS.max_steps_reached
+    assert int(sol.stats["num_steps"]) == 5
+    assert float(sol.stats["residual"]) > 1
+
+    # Under vmap, one result per element: a contracting and a chaotic logistic map.
+    def run(r):
+        return parassm.evaluate(
+            lambda s, x: r * s * (1 - s),
+            jnp.array(0.3),
+            200,
+            solver=solver,
+            max_steps=40,
+            throw=False,
+        )
+
+    sols = jax.vmap(run)(jnp.array([0.5, 3.9]))
+    assert (sols.result == parassm.RESULTS.successful).tolist() == [True, False]
+    assert (sols.result == parassm.RESULTS.max_steps_reached).tolist() == [False, True]
+    np.testing.assert_allclose(
+        sols.value[0],
+        sequential(lambda s, x: 0.5 * s * (1 - s), jnp.array(0.3), length=200),
+        atol=1e-10,
+    )
+    with pytest.raises(eqx.EquinoxRuntimeError):
+        jax.vmap(
+            lambda r: (
+                parassm.evaluate(
+                    lambda s, x: r * s * (1 - s), jnp.array(0.3), 200, solver=solver, max_steps=40
+                ).value
+            )
+        )(jnp.array([0.5, 3.9]))
+
+
+def test_under_jit_and_T_equals_one():
+    @jax.jit
+    def run(s0, xs):
+        return parassm.evaluate(lambda s, x: jnp.sin(s) + x, s0, xs=xs, solver=parassm.DEER())
+
+    xs = jnp.linspace(0, 1, 9)
+    sol = run(jnp.array(0.1), xs)
+    np.testing.assert_allclose(sol.value, sequential(lambda s, x: jnp.sin(s) + x, 0.1, xs))
+    for solver in SOLVERS:
+        one = parassm.evaluate(
+            lambda s, x: jnp.sin(s) + x, jnp.array(0.1), xs=xs[:1], solver=solver
+        )
+        np.testing.assert_allclose(one.value, jnp.sin(0.1) + xs[:1])
+
+
+def test_warm_start():
+    cell, s0, xs = _problem(1, 100, 3, 0.9, jnp.float64)
+    exact = sequential(cell, s0, xs)
+    sol = parassm.evaluate(cell, s0, xs=xs, solver=parassm.QuasiDEER(), init=exact)
+    assert int(sol.stats["num_steps"]) == 0
+    # A non-finite guess is replaced (documented), not propagated.
+    bad = exact.at[10:20].set(jnp.nan)
+    sol = parassm.evaluate(cell, s0, xs=xs, solver=parassm.DEER(), init=bad)
+    assert tree_max_abs_diff(sol.value, exact) < 1e-9
+
+
+def test_function_diagonal_and_hutchinson():
+    system = parassm.systems.TanhRNN(a=0.8)
+    xs = system.inputs(300)
+
+    def diag(s, x):
+        return system.a * (1 - jnp.tanh(system.a * s + x) ** 2)
+
+    expected = sequential(system.f, system.s0, xs)
+    for diagonal in (
+        parassm.FunctionDiagonal(diag),
+        parassm.HutchinsonDiagonal(),
+        parassm.ExactDiagonal(batch_size=1),
+    ):
+        sol = parassm.evaluate(system.f, system.s0, xs=xs, solver=parassm.QuasiDEER(diagonal))
+        np.testing.assert_allclose(sol.value, expected, atol=1e-9)
+        # D = 1: every diagonal is the full Jacobian, so this is Newton: few steps.
+        assert int(sol.stats["num_steps"]) <= 8
+
+
+def test_block_quasi_deer_exact_on_block_diagonal_system(getkey):
+    # Two independent 2-D blocks: BlockQuasiDEER(2) is Newton here.
+    A = 0.9 * jr.normal(getkey(), (2, 2, 2)) / 2
+
+    def f(s, x):
+        blocks = s.reshape(2, 2)
+        return jnp.tanh(jnp.einsum("bij,bj->bi", A, blocks)).reshape(4) + x
+
+    xs = jr.normal(getkey(), (200, 4))
+    s0 = jnp.zeros(4)
+    block = parassm.evaluate(f, s0, xs=xs, solver=parassm.BlockQuasiDEER(2))
+    deer = parassm.evaluate(f, s0, xs=xs, solver=parassm.DEER())
+    assert int(block.stats["num_steps"]) == int(deer.stats["num_steps"])
+    np.testing.assert_allclose(block.value, deer.value, atol=1e-10)
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        parassm.evaluate(f, s0, xs=xs, solver=parassm.BlockQuasiDEER(3))
+
+
+class TestTraceTimeErrors:
+    def test_T_zero(self):
+        with pytest.raises(ValueError, match="at least 1"):
+            parassm.evaluate(lambda s, x: s, jnp.array(1.0), 0)
+
+    def test_no_length(self):
+        with pytest.raises(ValueError, match="pass `T`"):
+            parassm.evaluate(lambda s, x: s, jnp.array(1.0))
+
+    def test_T_disagrees_with_xs(self):
+        with pytest.raises(ValueError, match="T=5"):
+            parassm.evaluate(lambda s, x: s + x, jnp.array(1.0), 5, xs=jnp.ones(4))
+
+    def test_xs_lengths_differ(self):
+        xs = {"u": jnp.ones(4), "v": jnp.ones((5, 2))}
+        with pytest.raises(ValueError, match=r"xs\['u'\]: 4, xs\['v'\]: 5"):
+            parassm.evaluate(lambda s, x: s, jnp.array(1.0), xs=xs)
+
+    def test_non_float_state(self):
+        with pytest.raises(TypeError, match=r"s0\[1\] has dtype int"):
+            parassm.evaluate(lambda s, x: s, (jnp.array(1.0), jnp.array(1)), 3)
+        # Sequential accepts any carry.
+        sol = parassm.evaluate(lambda s, x: s + 1, jnp.array(1), 3, solver=parassm.Sequential())
+        assert sol.value.tolist() == [2, 3, 4]
+
+    def test_shape_mismatch(self):
+        with pytest.raises(ValueError, match=r"state\['h'\] with shape \(3,\).*shape \(2,\)"):
+            parassm.evaluate(lambda s, x: {"h": jnp.ones(3)}, {"h": jnp.ones(2)}, 4)
+
+    def test_structure_mismatch(self):
+        with pytest.raises(ValueError, match="structure"):
+            parassm.evaluate(lambda s, x: (s, s), jnp.ones(2), 4)
+
+    def test_dtype_mismatch(self):
+        with pytest.raises(TypeError, match="dtype float64"):
+            parassm.evaluate(lambda s, x: s.astype(jnp.float64), jnp.ones(2, jnp.float32), 4)
+
+    def test_bad_init(self):
+        with pytest.raises(ValueError, match=r"init.*shape \(3, 2\)"):
+            parassm.evaluate(lambda s, x: s, jnp.ones(2), 4, init=jnp.ones((3, 2)))
+
+    def test_bad_solver_and_tolerance(self):
+        with pytest.raises(TypeError, match="parassm solver"):
+            parassm.evaluate(lambda s, x: s, jnp.ones(2), 4, solver="deer")
+        with pytest.raises(ValueError, match="rtol"):
+            parassm.DEER(rtol=-1.0)
