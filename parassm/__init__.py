@@ -1,10 +1,11 @@
 import importlib.metadata
 
-from . import linear as linear, systems as systems
+from . import diagnostics as diagnostics, linear as linear, systems as systems
 from ._evaluate import evaluate as evaluate, scan as scan
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solvers._base import AbstractSolver as AbstractSolver
 from ._solvers._parallel import AbstractParallelSolver as AbstractParallelSolver
+from ._solvers.auto import Auto as Auto
 from ._solvers.block import BlockQuasiDEER as BlockQuasiDEER
 from ._solvers.deer import DEER as DEER
 from ._solvers.jacobi import Jacobi as Jacobi
@@ -17,6 +18,7 @@ from ._solvers.quasi_deer import (
     QuasiDEER as QuasiDEER,
 )
 from ._solvers.sequential import Sequential as Sequential
+from .diagnostics import diagnose as diagnose, Diagnosis as Diagnosis
 
 
 __version__ = importlib.metadata.version("parassm")

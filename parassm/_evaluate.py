@@ -11,7 +11,7 @@ from jaxtyping import Array, PyTree
 from ._problem import check_same_structure, check_state, step_output, time_length
 from ._solution import RESULTS, Solution
 from ._solvers._base import AbstractSolver
-from ._solvers.quasi_deer import QuasiDEER
+from ._solvers.auto import Auto
 from ._solvers.sequential import Sequential
 
 
@@ -39,7 +39,7 @@ def evaluate(
     T: int | None = None,
     *,
     xs: PyTree | None = None,
-    solver: AbstractSolver = QuasiDEER(),
+    solver: AbstractSolver = Auto(),
     init: PyTree[Array] | None = None,
     max_steps: int | None = None,
     throw: bool = True,
@@ -60,8 +60,9 @@ def evaluate(
         they must agree.
     - `xs`: Keyword only argument. Inputs: a PyTree whose leaves share a leading time
         axis of length `T`, or `None`.
-    - `solver`: Keyword only argument. The solver, e.g. [`parassm.QuasiDEER`][] (the
-        default), [`parassm.DEER`][] or [`parassm.Sequential`][].
+    - `solver`: Keyword only argument. The solver, e.g. [`parassm.Auto`][] (the
+        default: diagnose, then use the recommended solver), [`parassm.QuasiDEER`][],
+        [`parassm.DEER`][] or [`parassm.Sequential`][].
     - `init`: Keyword only argument. An initial guess for the whole trajectory (warm
         start), shaped like the output. Defaults to `s0` repeated. Steps of the guess
         that are not finite are replaced by `s0`.
@@ -117,7 +118,7 @@ def scan(
     reverse: bool = False,
     unroll: int | bool = 1,
     *,
-    solver: AbstractSolver = QuasiDEER(),
+    solver: AbstractSolver = Auto(),
     max_steps: int | None = None,
     throw: bool = True,
 ) -> tuple[PyTree[Array], Any]:
