@@ -1,3 +1,11 @@
+from ._scan_impl import (
+    AbstractScanImpl as AbstractScanImpl,
+    AssociativeScan as AssociativeScan,
+    ChunkedScan as ChunkedScan,
+    default_scan_impl as default_scan_impl,
+    PallasScan as PallasScan,
+    scan_impl as scan_impl,
+)
 from ._solve import solve as solve
 from ._transitions import (
     AbstractTransition as AbstractTransition,

@@ -1,6 +1,6 @@
-import jax.lax as lax
 from jaxtyping import Array, Float
 
+from ._scan_impl import AbstractScanImpl, as_scan_impl, default_scan_impl
 from ._transitions import AbstractTransition, Zero
 
 
@@ -10,13 +10,17 @@ def solve(
     init: Float[Array, " D"] | None = None,
     *,
     reverse: bool = False,
+    scan_impl: AbstractScanImpl | str | None = None,
 ) -> Float[Array, "T D"]:
     r"""Solve the linear recurrence $s_t = A_t s_{t-1} + b_t$ for all `t` at once.
 
-    The recurrence is solved by `jax.lax.associative_scan` with the combine
+    By default the recurrence is solved by `jax.lax.associative_scan` with the combine
     $(A_1, b_1) \circ (A_2, b_2) = (A_2 A_1, A_2 b_1 + b_2)$: depth $O(\log T)$, and
     work and memory set by the structure of `transition` (`O(T D^2)` memory for
-    [`parassm.linear.Dense`][], `O(T D)` for [`parassm.linear.Diagonal`][]).
+    [`parassm.linear.Dense`][], `O(T D)` for [`parassm.linear.Diagonal`][]). `scan_impl`
+    (or an enclosing [`parassm.linear.scan_impl`][] block) chooses another algorithm
+    with the same result: [`parassm.linear.ChunkedScan`][] or
+    [`parassm.linear.PallasScan`][].
 
     **Arguments:**
 
@@ -27,6 +31,9 @@ def solve(
         Defaults to zero.
     - `reverse`: Keyword only argument. If True, solve the reverse-time recurrence
         $s_t = A_t s_{t+1} + b_t$, $t = T, \ldots, 1$ instead.
+    - `scan_impl`: Keyword only argument. `"xla"`, `"chunked"`, `"pallas"` or a
+        [`parassm.linear.AbstractScanImpl`][]. Defaults to the innermost
+        [`parassm.linear.scan_impl`][] block, else [`parassm.linear.AssociativeScan`][].
 
     **Returns:**
 
@@ -53,13 +60,5 @@ def solve(
         pushed = transition.apply(a[edge : edge + 1], init[None])[0]
         b = b.at[edge].add(pushed)
 
-    compose = transition.compose
-    apply = transition.apply
-
-    def combine(first, second):
-        a1, b1 = first
-        a2, b2 = second
-        return compose(a2, a1), apply(a2, b1) + b2
-
-    _, out = lax.associative_scan(combine, (a, b), reverse=reverse)
-    return out
+    impl = default_scan_impl() if scan_impl is None else as_scan_impl(scan_impl)
+    return impl.scan(transition, b, reverse=reverse)

@@ -1,0 +1,271 @@
+"""How `parassm.linear.solve` runs its scan: `AssociativeScan`, `ChunkedScan`, `PallasScan`.
+
+Every implementation solves the same recurrence `s_t = A_t s_{t-1} + b_t` (an `init` has
+already been folded into `b`), so solvers never need to know which one runs. The one used
+when `solve` is not told is set by the context manager `scan_impl`; its value is part of
+jax's tracing-cache key, so a jitted function traced under one implementation is traced
+again under another.
+"""
+
+import abc
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ._transitions import (
+    AbstractTransition,
+    BlockDiagonal,
+    Dense,
+    Diagonal,
+    Scalar,
+)
+
+
+class AbstractScanImpl(eqx.Module):
+    """An algorithm for the scan inside [`parassm.linear.solve`][]."""
+
+    @abc.abstractmethod
+    def scan(
+        self,
+        transition: AbstractTransition,
+        b: Float[Array, "T D"],
+        *,
+        reverse: bool,
+    ) -> Float[Array, "T D"]:
+        """Solve `s_t = A_t s_{t-1} + b_t` (`s_{t+1}` when `reverse`) from a zero state."""
+
+
+def _combine(transition: AbstractTransition):
+    compose, apply = transition.compose, transition.apply
+
+    def combine(first, second):
+        a1, b1 = first
+        a2, b2 = second
+        return compose(a2, a1), apply(a2, b1) + b2
+
+    return combine
+
+
+class AssociativeScan(AbstractScanImpl):
+    """`jax.lax.associative_scan` over all `T` steps: depth $O(\\log T)$, about
+    $2 \\log_2 T$ passes over memory. The default."""
+
+    def scan(self, transition, b, *, reverse):
+        pair = (transition.elements(), b)
+        return lax.associative_scan(_combine(transition), pair, reverse=reverse)[1]
+
+
+class ChunkedScan(AbstractScanImpl):
+    """Sequential within chunks, parallel across them, in pure JAX.
+
+    Time is cut into chunks of `chunk_size` steps. One `lax.scan` of `chunk_size` steps,
+    vectorised over all chunks, gives every step's state from a zero start within its
+    chunk together with the running product of the maps; an associative scan over the
+    `T / chunk_size` chunk summaries gives the state entering each chunk, and one
+    elementwise fix-up adds its contribution. Depth `chunk_size + O(log(T / chunk_size))`;
+    memory as for [`parassm.linear.AssociativeScan`][] (the running products are kept).
+
+    **Arguments:**
+
+    - `chunk_size`: time steps per chunk. `T` need not be a multiple of it.
+    """
+
+    chunk_size: int = eqx.field(default=128, static=True)
+
+    def __check_init__(self):
+        if self.chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be positive, got {self.chunk_size}.")
+
+    def scan(self, transition, b, *, reverse):
+        a = transition.elements()
+        T = b.shape[0]
+        L = min(self.chunk_size, T)
+        C = -(-T // L)
+        # Zero maps and offsets after the end: in forward time they come after every real
+        # step; in reverse time they are visited first and leave the state at zero, which
+        # is the start state anyway.
+        a = jnp.pad(a, [(0, C * L - T)] + [(0, 0)] * (a.ndim - 1)).reshape(C, L, *a.shape[1:])
+        b = jnp.pad(b, ((0, C * L - T), (0, 0))).reshape(C, L, -1)
+        compose, apply = transition.compose, transition.apply
+        first = L - 1 if reverse else 0
+
+        def step(carry, inputs):
+            prod, s = carry
+            a_t, b_t, t = inputs
+            prod = jnp.where(t == first, a_t, compose(a_t, prod))
+            s = apply(a_t, s) + b_t
+            return (prod, s), (prod, s)
+
+        def local(a_c, b_c):
+            init = (jnp.zeros_like(a_c[0]), jnp.zeros_like(b_c[0]))
+            return lax.scan(step, init, (a_c, b_c, jnp.arange(L)), reverse=reverse)
+
+        (summary_a, summary_b), (prods, states) = jax.vmap(local)(a, b)
+        _, ends = lax.associative_scan(
+            _combine(transition), (summary_a, summary_b), reverse=reverse
+        )
+        zero = jnp.zeros_like(ends[:1])
+        if reverse:
+            incoming = jnp.concatenate([ends[1:], zero])
+        else:
+            incoming = jnp.concatenate([zero, ends[:-1]])
+        incoming = jnp.broadcast_to(incoming[:, None], states.shape)
+        return (states + apply(prods, incoming)).reshape(C * L, -1)[:T]
+
+
+class PallasScan(AbstractScanImpl):
+    """Fused chunked Pallas kernels (`kernels/`, installed as `parassm._kernels`).
+
+    Each program scans one chunk of time for a block of components sequentially; a
+    short associative scan combines the chunk summaries; a second kernel replays each
+    chunk from its incoming state. About two reads and one write of the inputs, against
+    $2 \\log_2 T$ passes for [`parassm.linear.AssociativeScan`][]: meant for GPUs, where
+    the step is memory bound.
+
+    [`parassm.linear.Diagonal`][] and [`parassm.linear.Scalar`][] use the diagonal
+    kernel; [`parassm.linear.BlockDiagonal`][] with blocks up to 32 and
+    [`parassm.linear.Dense`][] up to `D = 32` use the block kernel. Larger blocks have
+    no kernel and are solved by [`parassm.linear.AssociativeScan`][] (same result).
+    Derivatives never go through the kernel: the solve is a `lax.custom_linear_solve`
+    whose transpose is the reverse-time kernel, so `jit`, `vmap`, `grad` and `jvp` work.
+
+    **Arguments:**
+
+    - `chunk_size`: time steps per program, a power of two.
+    - `interpret`: run in the Pallas interpreter; defaults to True on CPU (where Pallas
+        has no compiled backend) and False elsewhere.
+    """
+
+    chunk_size: int = eqx.field(default=128, static=True)
+    interpret: bool | None = eqx.field(default=None, static=True)
+
+    def __check_init__(self):
+        if self.chunk_size < 1 or self.chunk_size & (self.chunk_size - 1):
+            raise ValueError(f"`chunk_size` must be a power of two, got {self.chunk_size}.")
+
+    def _kernel_scan(self, transition, a, b, reverse):
+        from .. import _kernels
+
+        options = dict(reverse=reverse, chunk_size=self.chunk_size, interpret=self.interpret)
+        if isinstance(transition, Diagonal):
+            return _kernels.diagonal_scan(a, b, **options)
+        if isinstance(transition, Scalar):
+            return _kernels.diagonal_scan(jnp.broadcast_to(a[:, None], b.shape), b, **options)
+        if isinstance(transition, BlockDiagonal):
+            return _kernels.block_scan(a, b, **options)
+        if isinstance(transition, Dense):
+            return _kernels.block_scan(a[:, None], b, **options)
+        raise AssertionError(type(transition))
+
+    def scan(self, transition, b, *, reverse):
+        if not _has_kernel(transition):
+            return AssociativeScan().scan(transition, b, reverse=reverse)
+        a = transition.elements()
+        zero = jnp.zeros_like(a[:1])
+        # The transposed problem runs the other way in time with `A_{t+1}^T`
+        # (`A_{t-1}^T` for a reverse solve).
+        at = transition.transpose().elements()
+        at = jnp.concatenate([zero, at[:-1]]) if reverse else jnp.concatenate([at[1:], zero])
+
+        def matvec(s):
+            prev = jnp.zeros_like(s[:1])
+            shifted = jnp.concatenate([s[1:], prev]) if reverse else jnp.concatenate([prev, s[:-1]])
+            return s - transition.apply(a, shifted)
+
+        return lax.custom_linear_solve(
+            matvec,
+            b,
+            solve=lambda _, rhs: self._kernel_scan(transition, a, rhs, reverse),
+            transpose_solve=lambda _, rhs: self._kernel_scan(transition, at, rhs, not reverse),
+        )
+
+
+def _has_kernel(transition: AbstractTransition) -> bool:
+    from .. import _kernels
+
+    if isinstance(transition, Diagonal | Scalar):
+        return True
+    if isinstance(transition, BlockDiagonal):
+        return transition.blocks.shape[-1] <= _kernels.MAX_BLOCK_SIZE
+    if isinstance(transition, Dense):
+        return transition.matrices.shape[-1] <= _kernels.MAX_BLOCK_SIZE
+    return False
+
+
+_NAMES = {"xla": AssociativeScan, "chunked": ChunkedScan, "pallas": PallasScan}
+
+
+def as_scan_impl(impl: "AbstractScanImpl | str") -> AbstractScanImpl:
+    if isinstance(impl, AbstractScanImpl):
+        return impl
+    if isinstance(impl, str) and impl in _NAMES:
+        return _NAMES[impl]()
+    raise ValueError(
+        f"`scan_impl` must be one of {sorted(_NAMES)} or a `parassm.linear.AbstractScanImpl` "
+        f"(e.g. `parassm.linear.ChunkedScan(chunk_size=64)`), got {impl!r}."
+    )
+
+
+if hasattr(jax, "make_user_context"):
+    _current = jax.make_user_context(None)
+
+    def _get() -> AbstractScanImpl | None:
+        return _current.value
+
+    def _swap(impl):
+        return _current(impl)
+
+else:  # jax without user contexts: a thread-local default, not in the tracing-cache key.
+    _local = threading.local()
+
+    def _get() -> AbstractScanImpl | None:
+        return getattr(_local, "impl", None)
+
+    @contextlib.contextmanager
+    def _swap(impl):
+        previous = _get()
+        _local.impl = impl
+        try:
+            yield
+        finally:
+            _local.impl = previous
+
+
+def default_scan_impl() -> AbstractScanImpl:
+    """The implementation [`parassm.linear.solve`][] uses when not given one:
+    [`parassm.linear.AssociativeScan`][] unless a [`parassm.linear.scan_impl`][] context
+    says otherwise."""
+    impl = _get()
+    return AssociativeScan() if impl is None else impl
+
+
+@contextlib.contextmanager
+def scan_impl(impl: AbstractScanImpl | str) -> Iterator[AbstractScanImpl]:
+    """Choose the scan every [`parassm.linear.solve`][] traced inside the block uses, and
+    with it every solver, without changing their code.
+
+    **Arguments:**
+
+    - `impl`: `"xla"` ([`parassm.linear.AssociativeScan`][], the default), `"chunked"`
+        ([`parassm.linear.ChunkedScan`][]), `"pallas"` ([`parassm.linear.PallasScan`][]),
+        or an instance with non-default options.
+
+    The choice is thread-local and is part of jax's tracing-cache key: a function
+    jitted outside the block is traced again inside it.
+
+    !!! example
+
+        ```python
+        with parassm.linear.scan_impl("chunked"):
+            sol = parassm.evaluate(f, s0, xs=xs, solver=parassm.QuasiDEER())
+        ```
+    """
+    impl = as_scan_impl(impl)
+    with _swap(impl):
+        yield impl
