@@ -146,7 +146,7 @@ def classify(lle: Array, predicted: dict[str, Array], length: int) -> Array:
     best = jnp.min(jnp.stack(newton)) if newton else jnp.array(length)
     crawls = 4 * best >= length
     unpredictable = (lle > LLE_TOL) & ((lle * length > UNPREDICTABLE_GROWTH) | crawls)
-    predictable = (lle < -LLE_TOL) & (best <= fast_limit(length))
+    predictable = (lle < -LLE_TOL) & (best.astype(lle.dtype) <= fast_limit(length))
     return jnp.where(unpredictable, 2, jnp.where(predictable, 0, 1))
 
 
