@@ -1,6 +1,14 @@
 import importlib.metadata
 
-from . import diagnostics as diagnostics, linear as linear, systems as systems
+from . import diagnostics as diagnostics, linear as linear, nn as nn, systems as systems
+from ._adjoint import (
+    AbstractAdjoint as AbstractAdjoint,
+    AbstractLinearSolver as AbstractLinearSolver,
+    DenseScan as DenseScan,
+    ImplicitAdjoint as ImplicitAdjoint,
+    QuasiScan as QuasiScan,
+    SequentialScan as SequentialScan,
+)
 from ._evaluate import evaluate as evaluate, scan as scan
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solvers._base import AbstractSolver as AbstractSolver

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
+from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._problem import check_same_structure, check_state, step_output, time_length
 from ._solution import RESULTS, Solution
 from ._solvers._base import AbstractSolver
@@ -43,6 +44,7 @@ def evaluate(
     init: PyTree[Array] | None = None,
     max_steps: int | None = None,
     throw: bool = True,
+    adjoint: AbstractAdjoint = ImplicitAdjoint(),
 ) -> Solution:
     r"""Evaluate the recurrence $s_t = f(s_{t-1}, x_t)$, $t = 1, \ldots, T$.
 
@@ -71,6 +73,9 @@ def evaluate(
     - `throw`: Keyword only argument. If True (default), raise an error when the
         evaluation fails. If False, return the failure in `Solution.result`; this also
         works under `jax.vmap`, giving one result per batch element.
+    - `adjoint`: Keyword only argument. How derivatives are computed:
+        [`parassm.ImplicitAdjoint`][] (default; the implicit function theorem at the
+        solution, forward and reverse mode) or [`parassm.UnrolledAdjoint`][].
 
     **Returns:**
 
@@ -104,7 +109,12 @@ def evaluate(
     check_same_structure(step_output(f, s0, xs), s0, "`f`")
     if init is not None:
         init = _check_init(init, s0, length)
-    value, result, stats = solver.solve(f, s0, xs, length, init, max_steps)
+    if not isinstance(adjoint, AbstractAdjoint):
+        raise TypeError(
+            f"`adjoint` must be a parassm adjoint (e.g. `parassm.ImplicitAdjoint()`), got "
+            f"{type(adjoint).__name__}."
+        )
+    value, result, stats = adjoint.apply(solver, f, s0, xs, length, init, max_steps)
     if throw:
         value, stats = result.error_if((value, stats), result != RESULTS.successful)
     return Solution(value=value, result=result, stats=stats)
@@ -121,6 +131,7 @@ def scan(
     solver: AbstractSolver = Auto(),
     max_steps: int | None = None,
     throw: bool = True,
+    adjoint: AbstractAdjoint = ImplicitAdjoint(),
 ) -> tuple[PyTree[Array], Any]:
     """A drop-in replacement for `jax.lax.scan` that evaluates the carry recurrence in
     parallel.
@@ -134,7 +145,7 @@ def scan(
 
     - `f`, `init`, `xs`, `length`, `reverse`, `unroll`: as for `jax.lax.scan`
         (`unroll` only affects [`parassm.Sequential`][]).
-    - `solver`, `max_steps`, `throw`: Keyword only arguments, as for
+    - `solver`, `max_steps`, `throw`, `adjoint`: Keyword only arguments, as for
         [`parassm.evaluate`][].
 
     **Returns:**

@@ -119,12 +119,12 @@ class Flat(eqx.Module):
         return self.s0.shape[0]
 
 
-def flatten(f: Callable, s0: PyTree[Array]) -> Flat:
-    """View `f` as a map on one flat vector (the state's leaves, concatenated)."""
+def ravelling(s0: PyTree[Array]) -> tuple[Callable, Callable]:
+    """`(ravel, unravel)`: a state PyTree shaped like `s0` to one flat vector and back.
+    Both are exact (reshapes and concatenation only)."""
     leaves, treedef = jtu.tree_flatten(s0)
     shapes = [leaf.shape for leaf in leaves]
     sizes = [leaf.size for leaf in leaves]
-    dtype = leaves[0].dtype
 
     def ravel(tree):
         return jnp.concatenate([jnp.ravel(x) for x in jtu.tree_leaves(tree)])
@@ -136,11 +136,17 @@ def flatten(f: Callable, s0: PyTree[Array]) -> Flat:
             start += size
         return jtu.tree_unflatten(treedef, pieces)
 
+    return ravel, unravel
+
+
+def flatten(f: Callable, s0: PyTree[Array]) -> Flat:
+    """View `f` as a map on one flat vector (the state's leaves, concatenated)."""
+    ravel, unravel = ravelling(s0)
+
     def fn(s, x):
         return ravel(f(unravel(s), x))
 
-    s0_flat = ravel(s0) if len(leaves) > 1 else jnp.ravel(leaves[0])
-    return Flat(fn, unravel, s0_flat.astype(dtype))
+    return Flat(fn, unravel, ravel(s0))
 
 
 def unravel_trajectory(flat: Flat, states: Array) -> PyTree[Array]:

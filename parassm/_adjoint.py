@@ -1,0 +1,351 @@
+"""Derivatives of a trajectory with respect to `s0`, `xs` and anything `f` closes over.
+
+At a solution `S*` of `s_t = f(s_{t-1}, x_t; theta)` the implicit function theorem turns
+tangents into the LINEAR recurrence
+
+    ds_t = J_t ds_{t-1} + c_t,     c_t = df/dtheta dtheta + df/dx dx_t  (+ J_1 ds_0 at t=1)
+
+i.e. `M ds = c` with `M` the block lower-bidiagonal residual Jacobian. Its transpose,
+used by reverse mode, is the reverse-time recurrence `g_t = gbar_t + J_{t+1}^T g_{t+1}`.
+We wrap the solve in `lax.custom_linear_solve`, so JAX gets both the forward solve (for
+`jvp`) and the transposed solve (for `grad`) from us, and never differentiates through
+the Newton iterations: memory does not grow with their number.
+"""
+
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Float, PyTree
+
+from . import _linear as linear
+from ._problem import Flat, ravelling
+from ._solvers import _jacobian as jacobian
+from ._solvers._base import AbstractSolver, default_tolerance
+from ._solvers.quasi_deer import AbstractDiagonal, ExactDiagonal
+from ._solvers.sequential import Sequential
+
+
+class _Linearisation:
+    """The Jacobians `J_t = df/ds(s*_{t-1}, x_t)` at the solution, as operators."""
+
+    def __init__(self, flat: Flat, xs, s_prev: Float[Array, "T D"], jvp: Callable, vjp: Callable):
+        self.flat = flat
+        self.xs = xs
+        self.s_prev = s_prev
+        self.jvp = jvp  # (T, D) -> (T, D): J_t u_t
+        self.vjp = vjp  # (T, D) -> (T, D): J_t^T w_t
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.s_prev.shape
+
+
+def _shift_down(v):
+    """`u_t = v_{t-1}`, `u_1 = 0`."""
+    return jnp.concatenate([jnp.zeros_like(v[:1]), v[:-1]])
+
+
+def _shift_up(v):
+    """`u_t = v_{t+1}`, `u_T = 0`."""
+    return jnp.concatenate([v[1:], jnp.zeros_like(v[:1])])
+
+
+def _matvec(lin: _Linearisation, v):
+    """`(M v)_t = v_t - J_t v_{t-1}`."""
+    return v - lin.jvp(_shift_down(v))
+
+
+def _rmatvec(lin: _Linearisation, w):
+    """`(M^T w)_t = w_t - J_{t+1}^T w_{t+1}`."""
+    return w - _shift_up(lin.vjp(w))
+
+
+class AbstractLinearSolver(eqx.Module):
+    """How [`parassm.ImplicitAdjoint`][] solves the linear recurrence of the tangents
+    (forward mode) and its transpose (reverse mode)."""
+
+    @abc.abstractmethod
+    def prepare(self, lin: _Linearisation) -> PyTree:
+        """Anything to compute once per linearisation (e.g. dense Jacobians)."""
+
+    @abc.abstractmethod
+    def solve(self, lin: _Linearisation, state: PyTree, c: Float[Array, "T D"]) -> Array:
+        """Solve `ds_t = J_t ds_{t-1} + c_t`."""
+
+    @abc.abstractmethod
+    def solve_transpose(self, lin: _Linearisation, state: PyTree, g: Float[Array, "T D"]) -> Array:
+        """Solve `w_t = J_{t+1}^T w_{t+1} + g_t` (backwards in time)."""
+
+
+class DenseScan(AbstractLinearSolver):
+    """Materialise the Jacobians and solve both recurrences by associative scans over
+    dense `D x D` matrices: depth `O(log T)`, `O(T D^3)` work, `O(T D^2)` memory.
+
+    Exact and the most parallel; right for small states (`D` up to a few dozen).
+    """
+
+    def prepare(self, lin):
+        T, D = lin.shape
+        return jacobian.dense(lin.jvp, T, D, lin.s_prev.dtype)
+
+    def solve(self, lin, state, c):
+        return linear.solve(linear.Dense(state), c)
+
+    def solve_transpose(self, lin, state, g):
+        Jt = jnp.swapaxes(state, -1, -2)
+        shifted = jnp.concatenate([Jt[1:], jnp.zeros_like(Jt[:1])])
+        return linear.solve(linear.Dense(shifted), g, reverse=True)
+
+
+class SequentialScan(AbstractLinearSolver):
+    """Solve both recurrences one step at a time with `lax.scan`, using one JVP (or VJP)
+    of `f` per step: depth `O(T)`, no Jacobian is ever formed, `O(T D)` memory.
+
+    Exact; right for large states on hardware where sequential steps are cheap (CPUs),
+    or when memory is the constraint.
+    """
+
+    def prepare(self, lin):
+        return None
+
+    def _step_fn(self, lin):
+        fn = lin.flat.fn
+        return fn, (lin.s_prev, lin.xs)
+
+    def solve(self, lin, state, c):
+        fn, (s_prev, xs) = self._step_fn(lin)
+
+        def body(ds, inputs):
+            sp, x, ct = inputs
+            _, jv = jax.jvp(lambda s: fn(s, x), (sp,), (ds,))
+            ds = jv + ct
+            return ds, ds
+
+        zero = jnp.zeros_like(c[0])
+        return lax.scan(body, zero, (s_prev, xs, c))[1]
+
+    def solve_transpose(self, lin, state, g):
+        fn, (s_prev, xs) = self._step_fn(lin)
+        # w_t = g_t + J_{t+1}^T w_{t+1}: the Jacobian of step t+1 acts on w_{t+1}.
+        s_next = _shift_up(s_prev)
+        xs_next = None if xs is None else jtu.tree_map(_shift_up, xs)
+        valid = jnp.arange(g.shape[0]) < g.shape[0] - 1
+
+        def body(w_next, inputs):
+            sp, x, gt, ok = inputs
+            _, vjp = jax.vjp(lambda s: fn(s, x), sp)
+            (back,) = vjp(w_next)
+            w = gt + jnp.where(ok, back, jnp.zeros_like(back))
+            return w, w
+
+        zero = jnp.zeros_like(g[0])
+        return lax.scan(body, zero, (s_next, xs_next, g, valid), reverse=True)[1]
+
+
+class QuasiScan(AbstractLinearSolver):
+    """Solve both recurrences iteratively: a diagonal associative scan as the
+    preconditioner, exact Jacobian-vector products for the residual.
+
+    Each iteration costs one JVP (or VJP) and one `O(T D)` diagonal scan; it stops when
+    the residual of the linear system is below `atol + rtol |c|` everywhere. Because the
+    residual uses the exact Jacobian, the gradient is exact to that tolerance (a
+    diagonal Jacobian is only the preconditioner; using it alone would give wrong
+    gradients). Converges in at most `T` iterations (causality), quickly when the
+    Jacobians are dominated by their diagonals. Right for large states on accelerators.
+
+    If it does not converge within `max_steps` an error is raised rather than returning
+    an inaccurate gradient.
+
+    **Arguments:**
+
+    - `diagonal`: how to get the preconditioner's diagonal (as for
+        [`parassm.QuasiDEER`][]); default [`parassm.ExactDiagonal`][].
+    - `rtol`, `atol`: the tolerance; `None` means `eps ** 0.7` of the dtype.
+    - `max_steps`: the most iterations (default: `T`).
+    """
+
+    diagonal: AbstractDiagonal = ExactDiagonal()
+    rtol: float | None = None
+    atol: float | None = None
+    max_steps: int | None = eqx.field(default=None, static=True)
+
+    def prepare(self, lin):
+        return self.diagonal(lin.flat, lin.xs, lin.s_prev, lin.jvp, jnp.array(0))
+
+    def _iterate(self, apply_m, precondition, b):
+        T = b.shape[0]
+        dtype = b.dtype
+        rtol = default_tolerance(dtype) if self.rtol is None else self.rtol
+        atol = default_tolerance(dtype) if self.atol is None else self.atol
+        max_steps = T if self.max_steps is None else self.max_steps
+        bound = atol + rtol * jnp.max(jnp.abs(b))
+
+        def residual(x):
+            return b - apply_m(x)
+
+        def cond(carry):
+            _, r, k = carry
+            return (jnp.max(jnp.abs(r)) > bound) & (k < max_steps)
+
+        def body(carry):
+            x, r, k = carry
+            x = x + precondition(r)
+            return x, residual(x), k + 1
+
+        x0 = precondition(b)
+        x, r, _ = lax.while_loop(cond, body, (x0, residual(x0), jnp.array(0)))
+        return eqx.error_if(
+            x,
+            jnp.max(jnp.abs(r)) > bound,
+            "QuasiScan: the linear system of the implicit gradient did not converge "
+            "within `max_steps`; use `DenseScan()` or `SequentialScan()`, or raise "
+            "`max_steps`.",
+        )
+
+    def solve(self, lin, state, c):
+        diag = linear.Diagonal(state)
+        return self._iterate(lambda v: _matvec(lin, v), lambda r: linear.solve(diag, r), c)
+
+    def solve_transpose(self, lin, state, g):
+        diag = linear.Diagonal(_shift_up(state))
+        return self._iterate(
+            lambda w: _rmatvec(lin, w), lambda r: linear.solve(diag, r, reverse=True), g
+        )
+
+
+class AbstractAdjoint(eqx.Module):
+    """How derivatives of [`parassm.evaluate`][] are computed."""
+
+    @abc.abstractmethod
+    def apply(
+        self,
+        solver: AbstractSolver,
+        f: Callable,
+        s0: PyTree[Array],
+        xs: PyTree | None,
+        length: int,
+        init: PyTree[Array] | None,
+        max_steps: int | None,
+    ) -> tuple[PyTree[Array], object, dict]:
+        """Run `solver` and attach derivatives to its value."""
+
+
+def _stop(tree):
+    return jtu.tree_map(lambda x: lax.stop_gradient(x) if eqx.is_inexact_array(x) else x, tree)
+
+
+def _materialise(primal, tangent):
+    """The tangents of the floating-point arrays of `primal` (zeros where JAX passed a
+    symbolic zero, `None`) and `None` elsewhere."""
+    dynamic = eqx.filter(primal, eqx.is_inexact_array)
+    if tangent is None:
+        tangent = jtu.tree_map(lambda _: None, dynamic)
+
+    def fill(p, t):
+        if p is None:
+            return None
+        return jnp.zeros_like(p) if t is None else t
+
+    return dynamic, jtu.tree_map(fill, dynamic, tangent, is_leaf=lambda x: x is None)
+
+
+@eqx.filter_custom_jvp
+def _implicit(value, f, s0, xs, *, linear_solver, ravel, unravel):
+    return value
+
+
+@_implicit.def_jvp
+def _implicit_jvp(primals, tangents, *, linear_solver, ravel, unravel):
+    value, f, s0, xs = primals
+    _, t_f, t_s0, t_xs = tangents
+    f_dyn, t_f = _materialise(f, t_f)
+    s0_dyn, t_s0 = _materialise(s0, t_s0)
+    xs_dyn, t_xs = _materialise(xs, t_xs)
+    f_static = eqx.filter(f, eqx.is_inexact_array, inverse=True)
+    xs_static = eqx.filter(xs, eqx.is_inexact_array, inverse=True)
+    T, _ = value.shape
+    in_axes = (0, None if xs is None else 0)
+
+    def batched(f_dyn, s_prev, xs_dyn):
+        fn = eqx.combine(f_dyn, f_static)
+        x_all = eqx.combine(xs_dyn, xs_static)
+        return jax.vmap(lambda s, x: ravel(fn(unravel(s), x)), in_axes=in_axes)(s_prev, x_all)
+
+    s_prev = jnp.concatenate([s0[None], value[:-1]])
+    # The forcing: everything but the dependence on the trajectory itself.
+    ts_prev = jnp.zeros_like(s_prev).at[0].set(t_s0)
+    _, c = jax.jvp(batched, (f_dyn, s_prev, xs_dyn), (t_f, ts_prev, t_xs))
+
+    _, jvp_s = jax.linearize(lambda sp: batched(f_dyn, sp, xs_dyn), s_prev)
+    vjp_s = jax.linear_transpose(jvp_s, s_prev)
+    fn = eqx.combine(f_dyn, f_static)
+    flat = Flat(lambda s, x: ravel(fn(unravel(s), x)), unravel, s0)
+    lin = _Linearisation(flat, eqx.combine(xs_dyn, xs_static), s_prev, jvp_s, lambda w: vjp_s(w)[0])
+    state = linear_solver.prepare(lin)
+    t_value = lax.custom_linear_solve(
+        lambda v: _matvec(lin, v),
+        c,
+        solve=lambda _, b: linear_solver.solve(lin, state, b),
+        transpose_solve=lambda _, b: linear_solver.solve_transpose(lin, state, b),
+    )
+    return value, t_value
+
+
+class ImplicitAdjoint(AbstractAdjoint):
+    r"""Differentiate by the implicit function theorem at the solution (the default).
+
+    Forward mode (`jax.jvp`, `jax.jacfwd`) solves the tangent recurrence
+    $\delta s_t = J_t \delta s_{t-1} + c_t$; reverse mode (`jax.grad`) solves its
+    transpose $g_t = \bar g_t + J_{t+1}^\top g_{t+1}$ backwards in time. Gradients flow
+    to `s0`, `xs` and every array `f` closes over (including equinox modules). Nothing
+    is differentiated through the Newton iterations, so memory does not depend on how
+    many there were.
+
+    !!! warning
+
+        The implicit gradient is the gradient of the exact trajectory. It is only
+        meaningful if the solve succeeded: with `throw=False` check `result` first, or
+        use [`parassm.UnrolledAdjoint`][] for the derivative of the iterates themselves.
+
+    **Arguments:**
+
+    - `linear_solver`: how to solve the (transposed) tangent recurrence:
+        [`parassm.DenseScan`][] (exact, parallel, `O(T D^2)` memory),
+        [`parassm.QuasiScan`][] (iterative, diagonal preconditioner, `O(T D)` memory,
+        exact to a tolerance) or [`parassm.SequentialScan`][] (exact, sequential, no
+        Jacobians). `None` (default) picks `DenseScan` for states of at most 64
+        components and `QuasiScan` above.
+    """
+
+    linear_solver: AbstractLinearSolver | None = None
+
+    def apply(self, solver, f, s0, xs, length, init, max_steps):
+        if isinstance(solver, Sequential):
+            # `lax.scan` is differentiable as it stands, and exact.
+            return solver.solve(f, s0, xs, length, init, max_steps)
+        x0 = None if xs is None else jtu.tree_map(lambda x: x[0], xs)
+        f = eqx.filter_closure_convert(f, s0, x0)
+        value, result, stats = solver.solve(
+            _stop(f), _stop(s0), _stop(xs), length, _stop(init), max_steps
+        )
+        ravel, unravel = ravelling(s0)
+        size = sum(leaf.size for leaf in jtu.tree_leaves(s0))
+        linear_solver = self.linear_solver
+        if linear_solver is None:
+            linear_solver = DenseScan() if size <= 64 else QuasiScan()
+        flat_value = jax.vmap(ravel)(value)
+        flat_value = _implicit(
+            flat_value,
+            f,
+            ravel(s0),
+            xs,
+            linear_solver=linear_solver,
+            ravel=ravel,
+            unravel=unravel,
+        )
+        return jax.vmap(unravel)(flat_value), result, stats

@@ -1,0 +1,3 @@
+"""Equinox layers that evaluate recurrent cells in parallel."""
+
+from ._rnn import ParallelRNN as ParallelRNN

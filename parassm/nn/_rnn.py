@@ -1,0 +1,160 @@
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, PyTree
+
+from .._adjoint import AbstractAdjoint, ImplicitAdjoint
+from .._evaluate import evaluate
+from .._solution import Solution
+from .._solvers._base import AbstractSolver
+
+
+class _CellStep(eqx.Module):
+    """Adapts an equinox-style cell, `cell(input, hidden)`, to parassm's state-first
+    step `f(state, x)`."""
+
+    cell: Callable
+
+    def __call__(self, state, x):
+        return self.cell(x, state)
+
+
+def _default_state(cell) -> PyTree[Array]:
+    leaves = [x for x in jtu.tree_leaves(cell) if eqx.is_inexact_array(x)]
+    dtype = leaves[0].dtype if leaves else jnp.result_type(float)
+    if isinstance(cell, eqx.nn.LSTMCell):
+        zeros = jnp.zeros((cell.hidden_size,), dtype)
+        return (zeros, zeros)
+    hidden_size = getattr(cell, "hidden_size", None)
+    if isinstance(hidden_size, int):
+        return jnp.zeros((hidden_size,), dtype)
+    raise ValueError(
+        f"Cannot infer the initial state of a {type(cell).__name__}: it has no integer "
+        "`hidden_size` attribute. Pass `state=` explicitly (a PyTree shaped like the "
+        "cell's hidden state)."
+    )
+
+
+class ParallelRNN(eqx.Module):
+    """Evaluate any recurrent cell over a sequence in parallel, inside a model.
+
+    Wraps an equinox-style cell `cell(input, hidden) -> hidden` (`eqx.nn.GRUCell`,
+    `eqx.nn.LSTMCell` with its `(h, c)` state, or any Module of your own) and returns all
+    hidden states, evaluated with a parassm solver. Gradients with respect to the cell's
+    parameters, the inputs and the initial state come from the implicit function
+    theorem (one more scan), not from backpropagation through the Newton iterations.
+
+    Like `eqx.nn` layers this acts on a single sequence; `jax.vmap` it over a batch.
+
+    **Arguments:**
+
+    - `cell`: the recurrent cell.
+    - `solver`: Keyword only argument. The solver ([`parassm.evaluate`][]'s default if
+        `None`).
+    - `adjoint`: Keyword only argument. How gradients are computed (default
+        [`parassm.ImplicitAdjoint`][]).
+    - `max_steps`: Keyword only argument. Passed to [`parassm.evaluate`][].
+    - `reverse`: Keyword only argument. If True, run the cell from the last input to
+        the first (the outputs stay aligned with the inputs).
+    - `throw`: Keyword only argument. Raise if the evaluation fails (default True).
+
+    !!! example
+
+        ```python
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import parassm
+
+        cell = eqx.nn.GRUCell(input_size=3, hidden_size=8, key=jax.random.key(0))
+        rnn = parassm.nn.ParallelRNN(cell, solver=parassm.DEER())
+        xs = jnp.ones((1000, 3))
+        hs = rnn(xs)                      # (1000, 8)
+        batch = jax.vmap(rnn)(jnp.ones((4, 1000, 3)))
+        ```
+    """
+
+    cell: Callable
+    solver: AbstractSolver | None
+    adjoint: AbstractAdjoint
+    max_steps: int | None = eqx.field(static=True)
+    reverse: bool = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        cell: Callable,
+        *,
+        solver: AbstractSolver | None = None,
+        adjoint: AbstractAdjoint = ImplicitAdjoint(),
+        max_steps: int | None = None,
+        reverse: bool = False,
+        throw: bool = True,
+    ):
+        self.cell = cell
+        self.solver = solver
+        self.adjoint = adjoint
+        self.max_steps = max_steps
+        self.reverse = reverse
+        self.throw = throw
+
+    def solve(
+        self,
+        xs: PyTree[Array],
+        state: PyTree[Array] | None = None,
+        *,
+        init: PyTree[Array] | None = None,
+    ) -> Solution:
+        """Like `__call__`, but returns the whole [`parassm.Solution`][] (result code
+        and statistics as well as the hidden states)."""
+        if state is None:
+            state = _default_state(self.cell)
+        if self.reverse:
+            xs = jtu.tree_map(lambda x: jnp.flip(x, axis=0), xs)
+            if init is not None:
+                init = jtu.tree_map(lambda x: jnp.flip(x, axis=0), init)
+        kwargs: dict[str, Any] = {}
+        if self.solver is not None:
+            kwargs["solver"] = self.solver
+        sol = evaluate(
+            _CellStep(self.cell),
+            state,
+            xs=xs,
+            init=init,
+            max_steps=self.max_steps,
+            throw=self.throw,
+            adjoint=self.adjoint,
+            **kwargs,
+        )
+        if self.reverse:
+            sol = eqx.tree_at(
+                lambda s: s.value, sol, jtu.tree_map(lambda x: jnp.flip(x, axis=0), sol.value)
+            )
+        return sol
+
+    def __call__(
+        self,
+        xs: PyTree[Array],
+        state: PyTree[Array] | None = None,
+        *,
+        init: PyTree[Array] | None = None,
+        key: Any = None,
+    ) -> PyTree[Array]:
+        """**Arguments:**
+
+        - `xs`: the inputs, with a leading time axis (e.g. shape `(T, input_size)`).
+        - `state`: the initial hidden state; zeros by default (for cells with a
+            `hidden_size`).
+        - `init`: Keyword only argument. A guess for all hidden states (warm start),
+            e.g. the output of the previous training step on the same sequence, which
+            often cuts the Newton iterations to one or two.
+        - `key`: Keyword only argument. Ignored; for compatibility with `eqx.nn`.
+
+        **Returns:**
+
+        The hidden states after each input, with a leading time axis.
+        """
+        return self.solve(xs, state, init=init).value

@@ -1,0 +1,187 @@
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import parassm
+import pytest
+
+from .helpers import finite_difference_jvp, random_contraction, tree_allclose
+
+
+SOLVERS = [
+    parassm.DEER(),
+    parassm.QuasiDEER(),
+    parassm.BlockQuasiDEER(2),
+    parassm.Picard(),
+    parassm.Jacobi(),
+    parassm.Sequential(),
+]
+LINEAR_SOLVERS = [parassm.DenseScan(), parassm.SequentialScan(), parassm.QuasiScan()]
+IDS = lambda s: type(s).__name__  # noqa: E731
+
+
+class Custom(eqx.Module):
+    """A custom cell with a dict state and a closed-over scalar."""
+
+    W: jax.Array
+    U: jax.Array
+    leak: jax.Array
+
+    def __call__(self, x, state):
+        h = jnp.tanh(self.W @ state["h"] + self.U @ x)
+        return {"h": h, "m": self.leak * state["m"] + (1 - self.leak) * h}
+
+
+def _cells(key):
+    k1, k2, k3, k4 = jr.split(key, 4)
+    custom = Custom(
+        random_contraction(k3, 4, 0.8, jnp.float64),
+        jr.normal(k4, (4, 3), jnp.float64),
+        jnp.array(0.7),
+    )
+    return {
+        "gru": (eqx.nn.GRUCell(3, 4, key=k1), jnp.full(4, 0.1)),
+        "lstm": (eqx.nn.LSTMCell(3, 2, key=k2), (jnp.full(2, 0.1), jnp.full(2, -0.2))),
+        "custom": (custom, {"h": jnp.full(4, 0.1), "m": jnp.zeros(4)}),
+    }
+
+
+def _trajectory(cell, s0, xs, solver, adjoint=parassm.ImplicitAdjoint()):
+    if solver is None:
+        return lax.scan(lambda s, x: (cell(x, s),) * 2, s0, xs)[1]
+    sol = parassm.evaluate(lambda s, x: cell(x, s), s0, xs=xs, solver=solver, adjoint=adjoint)
+    return sol.value
+
+
+def _loss(cell, s0, xs, solver, adjoint=parassm.ImplicitAdjoint()):
+    traj = _trajectory(cell, s0, xs, solver, adjoint)
+    weights = jnp.cos(jnp.arange(xs.shape[0], dtype=jnp.float64))
+    return sum(
+        jnp.sum(weights[:, None] * jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(traj)
+    )
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm", "custom"])
+@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
+def test_grad_matches_lax_scan(name, solver):
+    cell, s0 = _cells(jr.key(0))[name]
+    xs = jr.normal(jr.key(1), (20, 3), jnp.float64)
+
+    # Parameters, initial state and inputs at once.
+    @eqx.filter_jit
+    @eqx.filter_grad
+    def grad(args, solver):
+        return _loss(*args, solver)
+
+    expected = grad((cell, s0, xs), None)
+    got = grad((cell, s0, xs), solver)
+    assert tree_allclose(got, expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("linear_solver", LINEAR_SOLVERS, ids=IDS)
+def test_adjoint_linear_solvers(linear_solver):
+    cell, s0 = _cells(jr.key(2))["gru"]
+    xs = jr.normal(jr.key(3), (50, 3), jnp.float64)
+    adjoint = parassm.ImplicitAdjoint(linear_solver)
+    grad = jax.grad(_loss, argnums=(0, 1, 2))
+    expected = grad(cell, s0, xs, None)
+    got = grad(cell, s0, xs, parassm.QuasiDEER(), adjoint)
+    assert tree_allclose(got, expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("linear_solver", LINEAR_SOLVERS, ids=IDS)
+def test_forward_mode_matches_finite_differences(linear_solver):
+    cell, s0 = _cells(jr.key(4))["custom"]
+    xs = jr.normal(jr.key(5), (25, 3), jnp.float64)
+    t_xs = jr.normal(jr.key(6), xs.shape, jnp.float64)
+    t_s0 = jax.tree_util.tree_map(lambda x: jnp.ones_like(x), s0)
+    adjoint = parassm.ImplicitAdjoint(linear_solver)
+
+    def traj(s0, xs):
+        return _trajectory(cell, s0, xs, parassm.DEER(), adjoint)
+
+    _, tangent = jax.jvp(traj, (s0, xs), (t_s0, t_xs))
+    expected = finite_difference_jvp(traj, (s0, xs), (t_s0, t_xs))
+    assert tree_allclose(tangent, expected, rtol=1e-6, atol=1e-7)
+
+    # And jacfwd with respect to a closed-over parameter.
+    def of_leak(leak):
+        return _trajectory(eqx.tree_at(lambda c: c.leak, cell, leak), s0, xs, parassm.DEER())["m"]
+
+    fd = (of_leak(cell.leak + 1e-6) - of_leak(cell.leak - 1e-6)) / 2e-6
+    np.testing.assert_allclose(jax.jacfwd(of_leak)(cell.leak), fd, rtol=1e-6, atol=1e-8)
+
+
+def test_closure_over_arrays():
+    W = jnp.array([[0.5, 0.1], [-0.2, 0.4]])
+    xs = jnp.outer(jnp.linspace(0.0, 1.0, 40), jnp.ones(2))
+
+    def loss(W, solver):
+        f = lambda s, x: jnp.tanh(W @ s + x)  # noqa: E731
+        if solver is None:
+            traj = lax.scan(lambda s, x: (f(s, x),) * 2, jnp.zeros(2), xs)[1]
+        else:
+            traj = parassm.evaluate(f, jnp.zeros(2), xs=xs, solver=solver).value
+        return jnp.sum(traj**3)
+
+    expected = jax.grad(loss)(W, None)
+    np.testing.assert_allclose(jax.grad(loss)(W, parassm.DEER()), expected, rtol=1e-8)
+    np.testing.assert_allclose(
+        jax.jit(jax.grad(loss), static_argnums=1)(W, parassm.QuasiDEER()), expected, rtol=1e-8
+    )
+
+
+def test_throw_false_vmap_grad():
+    xs = jnp.linspace(-1.0, 1.0, 60)
+
+    def loss(a):
+        sol = parassm.evaluate(
+            lambda s, x: jnp.tanh(a * s + x),
+            jnp.array(0.0),
+            xs=xs,
+            solver=parassm.DEER(),
+            throw=False,
+        )
+        ok = sol.result == parassm.RESULTS.successful
+        return jnp.sum(sol.value**2), ok
+
+    def loss_ref(a):
+        traj = lax.scan(lambda s, x: (jnp.tanh(a * s + x),) * 2, jnp.array(0.0), xs)[1]
+        return jnp.sum(traj**2)
+
+    a = jnp.array([0.3, 0.9, 1.5])
+    grads, ok = jax.vmap(jax.grad(loss, has_aux=True))(a)
+    assert ok.tolist() == [True, True, True]
+    np.testing.assert_allclose(grads, jax.vmap(jax.grad(loss_ref))(a), rtol=1e-7)
+
+
+def _residual_bytes(contraction, max_steps=None):
+    D, T = 6, 64
+    W = random_contraction(jr.key(7), D, contraction, jnp.float64)
+    xs = jr.normal(jr.key(8), (T, D), jnp.float64)
+
+    def loss(W):
+        sol = parassm.evaluate(
+            lambda s, x: jnp.tanh(W @ s + x),
+            jnp.zeros(D),
+            xs=xs,
+            solver=parassm.QuasiDEER(),
+            max_steps=max_steps,
+        )
+        return jnp.sum(sol.value**2), sol.stats["num_steps"]
+
+    out, vjp_fn, steps = jax.vjp(loss, W, has_aux=True)
+    nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(vjp_fn) if hasattr(x, "nbytes"))
+    return nbytes, int(steps), T, D
+
+
+def test_backward_memory_independent_of_newton_steps():
+    few = _residual_bytes(0.2)
+    many = _residual_bytes(0.99)
+    assert many[1] > 2 * few[1]  # really more Newton iterations...
+    assert many[0] == few[0]  # ...but exactly the same saved residuals
+    _, _, T, D = few
+    # Residuals are O(T D^2) (dense Jacobians at the solution), not O(steps T D).
+    assert few[0] <= 16 * T * D * (D + 8) * 8
