@@ -62,6 +62,7 @@ def extrapolate(
     """Predicted steps for a problem of `length` from a trial `history` on
     `proxy_length` steps (see the module docstring); between 1 and `length`."""
     dtype = jnp.result_type(float)
+    log_residual = log_residual.astype(dtype)
     K = history.shape[0] - 1
     Tp = proxy_length
     final = history[-1]
