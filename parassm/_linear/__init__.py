@@ -1,3 +1,4 @@
+from ._kalman import kalman_filter as kalman_filter, kalman_smoother as kalman_smoother
 from ._scan_impl import (
     AbstractScanImpl as AbstractScanImpl,
     AssociativeScan as AssociativeScan,

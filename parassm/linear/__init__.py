@@ -9,6 +9,8 @@ from .._linear import (
     default_scan_impl as default_scan_impl,
     Dense as Dense,
     Diagonal as Diagonal,
+    kalman_filter as kalman_filter,
+    kalman_smoother as kalman_smoother,
     PallasScan as PallasScan,
     Scalar as Scalar,
     scan_impl as scan_impl,
