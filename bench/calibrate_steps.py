@@ -1,0 +1,142 @@
+"""Calibrate the step predictor of `parassm.diagnose` on the systems zoo.
+
+For each system of `ZOO`: run the diagnosis trials (one per solver, on the proxy
+prefix) and evaluate the full problem with each solver to measure its Newton steps.
+Then grid-search the extrapolation constants (`crawl_fraction` and one factor per
+solver) that minimise the mean |log(predicted / measured)|, and write them, with the
+rows they were fitted on, to `parassm/diagnostics/calibration.json`.
+
+    python bench/calibrate_steps.py [--T 1024]
+"""
+
+import argparse
+import datetime
+import json
+import math
+import pathlib
+import sys
+
+import jax
+
+
+jax.config.update("jax_enable_x64", True)
+
+import equinox as eqx
+import numpy as np
+import parassm
+from parassm._problem import flatten
+from parassm._timing import environment
+from parassm.diagnostics._diagnose import default_settings, diagnose_flat
+from parassm.diagnostics._predict import CALIBRATION_FILE, extrapolate, TRIAL_OF
+
+
+ROOT = pathlib.Path(__file__).resolve().parent
+S = parassm.systems
+ZOO = {
+    "gru": lambda: S.GRU(hidden_size=16),
+    "tanh_rnn(a=0.8)": lambda: S.TanhRNN(a=0.8),
+    "tanh_rnn(a=10)": lambda: S.TanhRNN(a=10.0),
+    "mean_field(g=0.5)": lambda: S.MeanFieldRNN(size=16, g=0.5),
+    "mean_field(g=2)": lambda: S.MeanFieldRNN(size=16, g=2.0),
+    "logistic(r=4)": lambda: S.Logistic(r=4.0),
+    "tent(mu=0.7)": lambda: S.Tent(mu=0.7, x0=0.8),
+    "henon": lambda: S.Henon(),
+    "lorenz63(rk4)": lambda: S.Lorenz63(integrator="rk4"),
+    "two_well": lambda: S.TwoWellLangevin(),
+    "s5": lambda: S.S5WordProblem(),
+}
+MEASURED = {
+    "DEER": parassm.DEER(),
+    "QuasiDEER": parassm.QuasiDEER(),
+    "Picard": parassm.Picard(),
+    "Jacobi": parassm.Jacobi(),
+}
+
+
+def measure_steps(system, T, xs) -> dict[str, int]:
+    out = {}
+    for name, solver in MEASURED.items():
+        sol = parassm.evaluate(system.f, system.s0, T, xs=xs, solver=solver, throw=False)
+        out[name] = int(sol.stats["num_steps"])
+    return out
+
+
+def trials(system, T, xs, settings):
+    run = eqx.filter_jit(lambda s0, xs: diagnose_flat(flatten(system.f, s0), xs, T, settings))
+    out = run(system.s0, xs)
+    return {k: (np.asarray(h), np.asarray(r)) for k, (h, r) in out["trials"].items()}
+
+
+def predict(row, name, T, proxy, crawl, factor):
+    h, r = row["trials"][TRIAL_OF[name]]
+    return int(extrapolate(jax.numpy.asarray(h), jax.numpy.asarray(r), proxy, T, crawl, factor))
+
+
+def loss(pred, measured):
+    return abs(math.log(pred / max(measured, 1)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--T", type=int, default=1024)
+    args = parser.parse_args()
+    T = args.T
+    settings = default_settings(solvers=tuple(MEASURED))
+    proxy = min(T, settings.proxy_length)
+    rows = []
+    for label, make in ZOO.items():
+        system = make()
+        xs = system.inputs(T)
+        print(f"{label} ...", file=sys.stderr)
+        rows.append(
+            dict(
+                system=label,
+                trials=trials(system, T, xs, settings),
+                measured=measure_steps(system, T, xs),
+            )
+        )
+    crawls = [0.15, 0.2, 0.25, 0.3, 0.4, 0.5]
+    factors = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
+    best = None
+    for crawl in crawls:
+        total, chosen = 0.0, {}
+        for name in MEASURED:
+            errs = {
+                c: np.mean(
+                    [loss(predict(r, name, T, proxy, crawl, c), r["measured"][name]) for r in rows]
+                )
+                for c in factors
+            }
+            chosen[name] = min(errs, key=errs.get)
+            total += errs[chosen[name]]
+        if best is None or total < best[0]:
+            best = (total, crawl, chosen)
+    total, crawl, chosen = best
+    chosen["ELK"] = chosen["DEER"]
+    table = []
+    for r in rows:
+        pred = {n: predict(r, n, T, proxy, crawl, chosen[n]) for n in MEASURED}
+        table.append(dict(system=r["system"], T=T, measured=r["measured"], predicted=pred))
+        print(
+            f"{r['system']:<20}"
+            + "".join(f"{n}: {pred[n]:>5} / {r['measured'][n]:<5} " for n in MEASURED)
+        )
+    calibration = dict(
+        proxy_length=settings.proxy_length,
+        max_trial_steps=settings.max_trial_steps,
+        crawl_fraction=crawl,
+        factors=chosen,
+        mean_abs_log_error=total / len(MEASURED),
+        produced_by="bench/calibrate_steps.py",
+        date=datetime.date.today().isoformat(),
+        environment=environment(),
+        rows=table,
+    )
+    with open(CALIBRATION_FILE, "w") as f:
+        json.dump(calibration, f, indent=1)
+        f.write("\n")
+    print(f"wrote {CALIBRATION_FILE}: crawl_fraction={crawl}, factors={chosen}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
