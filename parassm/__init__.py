@@ -16,6 +16,18 @@ from ._solvers._parallel import AbstractParallelSolver as AbstractParallelSolver
 from ._solvers.auto import Auto as Auto
 from ._solvers.block import BlockQuasiDEER as BlockQuasiDEER
 from ._solvers.deer import DEER as DEER
+from ._solvers.elk import (
+    AbstractDamping as AbstractDamping,
+    ELK as ELK,
+    FixedDamping as FixedDamping,
+    QuasiELK as QuasiELK,
+    TrustRegion as TrustRegion,
+)
+from ._solvers.globalization import (
+    AbstractGlobalization as AbstractGlobalization,
+    Backtracking as Backtracking,
+    Undamped as Undamped,
+)
 from ._solvers.jacobi import Jacobi as Jacobi
 from ._solvers.picard import Picard as Picard
 from ._solvers.quasi_deer import (
@@ -26,6 +38,7 @@ from ._solvers.quasi_deer import (
     QuasiDEER as QuasiDEER,
 )
 from ._solvers.sequential import Sequential as Sequential
+from ._solvers.window import SlidingWindow as SlidingWindow
 from .diagnostics import diagnose as diagnose, Diagnosis as Diagnosis
 
 

@@ -2,6 +2,7 @@ from .. import _linear as linear
 from . import _jacobian as jacobian
 from ._base import check_tolerances
 from ._parallel import AbstractParallelSolver
+from .globalization import AbstractGlobalization, Undamped
 
 
 class DEER(AbstractParallelSolver):
@@ -21,6 +22,10 @@ class DEER(AbstractParallelSolver):
         $|s_{t,i} - f_i(s_{t-1}, x_t)| \le \mathrm{atol} + \mathrm{rtol} |f_i|$ for
         every component `i`. `None` means `eps ** 0.7` of the state's dtype (about
         `1.4e-5` in float32, `1.1e-11` in float64).
+    - `globalization`: how far to move along each Newton correction:
+        [`parassm.Undamped`][] (default, the full step) or [`parassm.Backtracking`][]
+        (a merit line search, for strongly nonlinear systems). See also
+        [`parassm.ELK`][].
 
     ??? cite "References"
 
@@ -36,9 +41,14 @@ class DEER(AbstractParallelSolver):
 
     rtol: float | None = None
     atol: float | None = None
+    globalization: AbstractGlobalization = Undamped()
 
     def __check_init__(self):
         check_tolerances(self.rtol, self.atol)
+
+    def step(self, it, state):
+        A = self.transition(it.flat, it.xs, it.s_prev, it.lin, it.iteration)
+        return self.globalization(it, it.newton_correction(A)), state
 
     def transition(self, flat, xs, s_prev, lin, iteration):
         T, D = s_prev.shape

@@ -13,6 +13,7 @@ from .._problem import Flat
 from . import _jacobian as jacobian
 from ._base import check_tolerances
 from ._parallel import AbstractParallelSolver
+from .globalization import AbstractGlobalization, Undamped
 
 
 class AbstractDiagonal(eqx.Module):
@@ -117,7 +118,7 @@ class QuasiDEER(AbstractParallelSolver):
     - `diagonal`: how to get the diagonal: [`parassm.ExactDiagonal`][] (default; `D`
         JVPs), [`parassm.HutchinsonDiagonal`][] (a stochastic estimate, `num_samples`
         JVPs) or [`parassm.FunctionDiagonal`][] (a closed form you supply).
-    - `rtol`, `atol`: as for [`parassm.DEER`][].
+    - `rtol`, `atol`, `globalization`: as for [`parassm.DEER`][].
 
     ??? cite "References"
 
@@ -135,9 +136,14 @@ class QuasiDEER(AbstractParallelSolver):
     diagonal: AbstractDiagonal = ExactDiagonal()
     rtol: float | None = None
     atol: float | None = None
+    globalization: AbstractGlobalization = Undamped()
 
     def __check_init__(self):
         check_tolerances(self.rtol, self.atol)
+
+    def step(self, it, state):
+        A = self.transition(it.flat, it.xs, it.s_prev, it.lin, it.iteration)
+        return self.globalization(it, it.newton_correction(A)), state
 
     def linearise(self, step, s_prev):
         if self.diagonal.needs_jvp:

@@ -1,0 +1,222 @@
+"""ELK / quasi-ELK (Levenberg-Marquardt by a parallel Kalman smoother) and the
+line-search option of DEER / quasi-DEER."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import parassm
+import pytest
+from parassm._solvers.elk import lm_correction
+
+from .helpers import sequential, tree_max_abs_diff
+
+
+lm = eqx.filter_jit(lm_correction)
+
+
+def _lm_reference(A, r, p, lam):
+    """Minimise sum_{t>p} |r_t + d_t - A_t d_{t-1}|^2 + lam |d_t|^2 with d_t = 0 (t < p) and
+    d_p = -r_p fixed, by a dense least-squares solve."""
+    T, D = r.shape
+    fixed = np.zeros((T, D))
+    if p >= 0:
+        fixed[p] = -r[p]
+    free = [t for t in range(T) if t > p]
+    n = len(free) * D
+    rows, rhs = [], []
+    for i, t in enumerate(free):
+        row = np.zeros((D, n))
+        row[:, i * D : (i + 1) * D] = np.eye(D)
+        const = r[t].copy()
+        if t - 1 > p:
+            row[:, (i - 1) * D : i * D] = -A[t]
+        elif t >= 1:
+            const = const - A[t] @ fixed[t - 1]
+        rows.append(row)
+        rhs.append(-const)
+    rows.append(np.sqrt(lam) * np.eye(n))
+    rhs.append(np.zeros(n))
+    sol = np.linalg.lstsq(np.concatenate(rows), np.concatenate(rhs), rcond=None)[0]
+    out = fixed.copy()
+    out[p + 1 :] = sol.reshape(-1, D)
+    return out
+
+
+def _lm_problem(diagonal, T=9, D=3):
+    ka, kr = jr.split(jr.key(diagonal))
+    if diagonal:
+        a = jr.uniform(ka, (T, D), minval=-1.5, maxval=1.5)
+        return (
+            parassm.linear.Diagonal(a),
+            np.asarray(a)[..., None] * np.eye(D),
+            jr.normal(kr, (T, D)),
+        )
+    a = 1.3 * jr.normal(ka, (T, D, D)) / np.sqrt(D)
+    return parassm.linear.Dense(a), np.asarray(a), jr.normal(kr, (T, D))
+
+
+@pytest.mark.parametrize("diagonal", [False, True], ids=["dense", "diagonal"])
+@pytest.mark.parametrize("p", [-1, 0, 4])
+@pytest.mark.parametrize("lam", [1e-2, 3.0])
+def test_lm_step_is_the_least_squares_step(diagonal, p, lam):
+    transition, A, r = _lm_problem(diagonal)
+    delta = lm(transition, r, jnp.array(p), jnp.array(lam))
+    np.testing.assert_allclose(delta, _lm_reference(A, np.asarray(r), p, lam), atol=1e-9)
+
+
+@pytest.mark.parametrize("diagonal", [False, True], ids=["dense", "diagonal"])
+def test_lm_limits(diagonal):
+    transition, A, r = _lm_problem(diagonal)
+    # lam -> 0: the Newton (DEER) correction d_t = A_t d_{t-1} - r_t.
+    newton = parassm.linear.solve(transition, -r)
+    small = lm(transition, r, jnp.array(-1), jnp.array(1e-10))
+    np.testing.assert_allclose(small, newton, rtol=1e-6, atol=1e-6)
+    # lam -> inf: a short step down the gradient, lam * d -> -J_r^T r.
+    A_next = np.concatenate([A[1:], np.zeros_like(A[:1])])
+    grad = np.asarray(r) - np.einsum("tji,tj->ti", A_next, np.concatenate([r[1:], r[:1] * 0]))
+    lam = 1e8
+    big = lm(transition, r, jnp.array(-1), jnp.array(lam))
+    np.testing.assert_allclose(lam * np.asarray(big), -grad, rtol=1e-6, atol=1e-6)
+
+
+class TanhCell(eqx.Module):
+    W: jax.Array
+    U: jax.Array
+
+    def __call__(self, s, x):
+        return jnp.tanh(self.W @ s + self.U @ x)
+
+
+def _cell(T=60, D=3, gain=1.6, dtype=jnp.float64):
+    kw, ku, kx = jr.split(jr.key(5), 3)
+    cell = TanhCell(gain * jr.normal(kw, (D, D), dtype) / np.sqrt(D), jr.normal(ku, (D, 2), dtype))
+    return cell, jnp.zeros(D, dtype), jr.normal(kx, (T, 2), dtype)
+
+
+def test_tiny_fixed_damping_reproduces_deer():
+    cell, s0, xs = _cell()
+    deer = parassm.evaluate(cell, s0, xs=xs, solver=parassm.DEER())
+    elk = parassm.evaluate(cell, s0, xs=xs, solver=parassm.ELK(parassm.FixedDamping(1e-12)))
+    assert int(elk.stats["num_steps"]) == int(deer.stats["num_steps"])
+    assert tree_max_abs_diff(elk.value, deer.value) < 1e-9
+
+
+@pytest.mark.slow
+def test_tiny_fixed_damping_reproduces_quasi_deer():
+    cell, s0, xs = _cell()
+    qdeer = parassm.evaluate(cell, s0, xs=xs, solver=parassm.QuasiDEER())
+    qelk = parassm.evaluate(cell, s0, xs=xs, solver=parassm.QuasiELK(parassm.FixedDamping(1e-12)))
+    assert int(qelk.stats["num_steps"]) == int(qdeer.stats["num_steps"])
+    assert tree_max_abs_diff(qelk.value, qdeer.value) < 1e-9
+
+
+@pytest.mark.slow
+def test_large_fixed_damping_moves_slowly():
+    # A huge damping makes tiny gradient steps: only the exact step at the first
+    # unconverged index makes progress, one step per iteration (like Jacobi at worst).
+    cell, s0, xs = _cell(T=12)
+    sol = parassm.evaluate(
+        cell, s0, xs=xs, solver=parassm.ELK(parassm.FixedDamping(1e10)), throw=False
+    )
+    assert sol.result == parassm.RESULTS.successful
+    assert int(sol.stats["num_steps"]) >= 6
+    assert tree_max_abs_diff(sol.value, sequential(cell, s0, xs)) < 1e-9
+
+
+def test_trust_region_adapts_and_converges():
+    cell, s0, xs = _cell()
+    sol = parassm.evaluate(cell, s0, xs=xs, solver=parassm.QuasiELK())
+    assert sol.result == parassm.RESULTS.successful
+    assert tree_max_abs_diff(sol.value, sequential(cell, s0, xs)) < 1e-9
+    # The damping shrank from its initial value on this easy (contracting) problem.
+    assert float(sol.stats["damping"]) < parassm.TrustRegion().initial_damping
+    assert int(sol.stats["num_trials"]) >= int(sol.stats["num_steps"])
+
+
+@pytest.mark.slow
+def test_vmap_and_throw():
+    cell, s0, xs = _cell(T=30)
+    s0s = jnp.stack([s0, s0 + 1.0])
+    sols = jax.vmap(
+        lambda s: parassm.evaluate(cell, s, xs=xs, solver=parassm.QuasiELK(), throw=False)
+    )(s0s)
+    assert sols.value.shape == (2, 30, 3)
+    assert bool(jnp.all(sols.result == parassm.RESULTS.successful))
+    with pytest.raises(Exception, match="max_steps"):
+        parassm.evaluate(cell, s0, xs=xs, solver=parassm.QuasiELK(), max_steps=1)
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="positive"):
+        parassm.FixedDamping(0.0)
+    with pytest.raises(ValueError, match="shrink"):
+        parassm.TrustRegion(shrink=2.0)
+    with pytest.raises(ValueError, match="initial_damping"):
+        parassm.TrustRegion(initial_damping=0.0)
+    with pytest.raises(ValueError, match="shrink"):
+        parassm.Backtracking(shrink=1.5)
+    with pytest.raises(ValueError, match="rtol"):
+        parassm.ELK(rtol=-1.0)
+
+
+def _zoo(dtype):
+    S = parassm.systems
+    return {
+        # (system, predictable: lax.scan is reproduced to the tolerance's conditioning)
+        "two_well": (S.TwoWellLangevin(s0=(0.0, 0.0), dtype=dtype), True),
+        "mean_field_g1.2": (S.MeanFieldRNN(size=8, g=1.2, dtype=dtype), True),
+        "mean_field_g1.5": (S.MeanFieldRNN(size=8, g=1.5, dtype=dtype), False),
+        "mean_field_g2.0": (S.MeanFieldRNN(size=8, g=2.0, dtype=dtype), False),
+        "lorenz63_euler": (S.Lorenz63(integrator="euler", dtype=dtype), False),
+        "logistic_r3.9": (S.Logistic(r=3.9, dtype=dtype), False),
+        "tanh_rnn_a3": (S.TanhRNN(a=3.0, dtype=dtype), True),
+    }
+
+
+ZOO_SOLVERS = [
+    parassm.DEER(),
+    parassm.QuasiDEER(),
+    parassm.DEER(globalization=parassm.Backtracking()),
+    parassm.ELK(),
+    parassm.QuasiELK(),
+    parassm.Picard(),
+    parassm.Jacobi(),
+    parassm.SlidingWindow(parassm.DEER(), window=32),
+]
+
+
+def _check_zoo(name, system, predictable, solver, dtype, T):
+    xs = system.inputs(T)
+    sol = parassm.evaluate(system.f, system.s0, T, xs=xs, solver=solver, throw=False)
+    codes = (parassm.RESULTS.successful, parassm.RESULTS.max_steps_reached)
+    assert any(bool(sol.result == c) for c in codes), name
+    finite = bool(jnp.all(jnp.isfinite(sol.value)))
+    if isinstance(solver, parassm.ELK | parassm.QuasiELK):
+        assert finite, name
+    if sol.result == parassm.RESULTS.successful:
+        # T iterations always suffice (causality), so success is the expected outcome.
+        assert float(sol.stats["residual"]) <= 1 and finite
+        if predictable:
+            tol = 1e-6 if dtype == jnp.float64 else 5e-2
+            assert tree_max_abs_diff(sol.value, sequential(system.f, system.s0, xs, T)) < tol
+    else:
+        assert float(sol.stats["residual"]) > 1
+    return sol
+
+
+def test_zoo_quick():
+    # Chaotic logistic map in float32: damped, finite iterates, and success within T.
+    system, predictable = _zoo(jnp.float32)["logistic_r3.9"]
+    sol = _check_zoo("logistic", system, predictable, parassm.QuasiELK(), jnp.float32, 48)
+    assert sol.result == parassm.RESULTS.successful
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("solver", ZOO_SOLVERS, ids=lambda s: repr(s).split("(")[0])
+@pytest.mark.parametrize("name", list(_zoo(jnp.float32)))
+def test_zoo(name, solver, dtype):
+    system, predictable = _zoo(dtype)[name]
+    _check_zoo(name, system, predictable, solver, dtype, 200)
