@@ -1,0 +1,1 @@
+"""parassm's benchmarks: `python -m bench` (see bench/README.md)."""

@@ -1,0 +1,6 @@
+import sys
+
+from bench.run import main
+
+
+sys.exit(main())
