@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         lle_rows = [r for r in mine if r.get("bench") in LLE_BENCHES]
         if lle_rows:
             figures[f"lle_vs_steps_{backend}.png"] = lle_figure(
-                lle_rows, f"Steps vs predictability, {describe(lle_rows)}"
+                lle_rows, f"Steps vs predictability\n{describe(lle_rows)}"
             )
         for name, fig in figures.items():
             if fig is None:

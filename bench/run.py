@@ -6,8 +6,8 @@
     python bench/run.py --list
 
 Runs `bench/core.py` and, when they are present, the other benchmark scripts
-(`bench_hard.py`, `bench_diagnose.py`, `gpu_kernels.py`), each in its own process (a
-fresh JAX runtime, and one script's failure does not stop the others). Every script
+(`bench_hard.py`, `bench_grad.py`, `bench_diagnose.py`, `gpu_kernels.py`), each in its
+own process (a fresh JAX runtime, and one script's failure does not stop the others). Every script
 writes JSON rows under `--out-dir` (default `bench/results/`); `bench/plot.py` turns them
 into the figures of the documentation. For one accelerator, use `bench/gpu_suite.py`.
 """
@@ -25,51 +25,44 @@ HERE = pathlib.Path(__file__).resolve().parent
 SCRIPTS = {
     "core": "core.py",
     "hard": "bench_hard.py",
+    "grad": "bench_grad.py",
     "diagnose": "bench_diagnose.py",
     "gpu_kernels": "gpu_kernels.py",
 }
 
 
-def _supports(script: pathlib.Path, flag: str) -> bool:
-    """Whether `script --help` mentions `flag` (scripts by different authors take
-    different options; pass only what each understands)."""
-    try:
-        out = subprocess.run(
-            [sys.executable, str(script), "--help"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        ).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return flag in out
+def arguments(name: str, profile: str, out_dir: pathlib.Path, backend: str) -> list[str] | None:
+    """The command-line arguments of each script for a profile (the scripts come from
+    different authors and take different options); `None`: not run on this backend."""
+    quick = profile == "quick"
+    if name == "core":
+        return ["--profile", profile, "--out", str(out_dir / f"core_{backend}.json")]
+    if name == "hard":
+        return (["--T", "1000"] if quick else []) + [
+            "--out",
+            str(out_dir / f"hard_{backend}.json"),
+        ]
+    if name == "grad":
+        return ["--profile", profile, "--out", str(out_dir / f"grad_{backend}.json")]
+    if name == "diagnose":
+        # Writes bench/results/diagnose_<backend>.json itself.
+        return ["--T", "1024", "--no-plot"] if quick else []
+    if name == "gpu_kernels":
+        if backend == "cpu":
+            # Its CPU mode is a smoke run of the kernels (interpreted), quick only.
+            return [str(out_dir), "--quick"] if quick else None
+        return [str(out_dir)] + (["--quick"] if quick else [])
+    raise ValueError(name)
 
 
 def command(name: str, profile: str, out_dir: pathlib.Path) -> list[str] | None:
+    import jax
+
     script = HERE / SCRIPTS[name]
     if not script.exists():
         return None
-    cmd = [sys.executable, str(script)]
-    import jax
-
-    if name == "gpu_kernels" and jax.default_backend() == "cpu":
-        return None
-    if name == "core":
-        return cmd + [
-            "--profile",
-            profile,
-            "--out",
-            str(out_dir / f"core_{jax.default_backend()}.json"),
-        ]
-    if _supports(script, "--profile"):
-        cmd += ["--profile", profile]
-    elif profile == "quick" and _supports(script, "--quick"):
-        cmd += ["--quick"]
-    if _supports(script, "--out-dir"):
-        cmd += ["--out-dir", str(out_dir)]
-    elif _supports(script, "--out"):
-        cmd += ["--out", str(out_dir / f"{script.stem}.json")]
-    return cmd
+    args = arguments(name, profile, out_dir, jax.default_backend())
+    return None if args is None else [sys.executable, str(script)] + args
 
 
 def main(argv: list[str] | None = None) -> int:
