@@ -1,0 +1,155 @@
+"""`parassm.linear.ChunkedScan` and the `scan_impl` choice on the linear layer."""
+
+import functools as ft
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import parassm
+import parassm.linear as linear
+import pytest
+
+from .helpers import sequential
+
+
+def _loop(matrices, b, init, reverse):
+    T, D = b.shape
+    s = np.zeros(D) if init is None else np.asarray(init)
+    out = np.zeros((T, D))
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        s = np.asarray(matrices[t]) @ s + np.asarray(b[t])
+        out[t] = s
+    return out
+
+
+def _transitions(key, T, D, dtype):
+    k1, k2, k3, k4 = jr.split(key, 4)
+    return [
+        linear.Dense(0.5 * jr.normal(k1, (T, D, D), dtype)),
+        linear.Diagonal(jr.uniform(k2, (T, D), dtype, -1.2, 1.2)),
+        linear.BlockDiagonal(0.5 * jr.normal(k3, (T, D // 2, 2, 2), dtype)),
+        linear.Scalar(jr.uniform(k4, (T,), dtype, -1.0, 1.0)),
+        linear.Scalar(jnp.ones((T,), dtype)),
+        linear.Zero(T),
+    ]
+
+
+@ft.partial(jax.jit, static_argnames=("reverse", "chunk_size"))
+def _chunked(transition, b, init, reverse, chunk_size):
+    impl = linear.ChunkedScan(chunk_size=chunk_size)
+    return linear.solve(transition, b, init, reverse=reverse, scan_impl=impl)
+
+
+# T = 1; one-step chunks; T not a multiple of the chunk; a chunk longer than T.
+@pytest.mark.parametrize(
+    "T, chunk_size, reverse",
+    [(1, 4, True), (37, 7, False), (37, 7, True), (100, 32, True)]
+    + [
+        pytest.param(T, chunk_size, reverse, marks=pytest.mark.slow)
+        for T, chunk_size in ((37, 1), (100, 32), (100, 128), (257, 16))
+        for reverse in (False, True)
+    ],
+)
+def test_chunked_matches_loop(T, chunk_size, reverse, getkey):
+    D = 4
+    b = jr.normal(getkey(), (T, D), jnp.float64)
+    init = jr.normal(getkey(), (D,), jnp.float64)
+    for transition in _transitions(getkey(), T, D, jnp.float64):
+        out = _chunked(transition, b, init, reverse, chunk_size)
+        expected = _loop(transition.as_matrix(D), b, init, reverse)
+        np.testing.assert_allclose(
+            out, expected, rtol=1e-10, atol=1e-10, err_msg=repr(type(transition))
+        )
+    diagonal = _transitions(getkey(), T, D, jnp.float64)[1]
+    out = _chunked(diagonal, b, None, reverse, chunk_size)
+    np.testing.assert_allclose(out, _loop(diagonal.as_matrix(D), b, None, reverse), rtol=1e-10)
+
+
+@pytest.mark.parametrize("reverse", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_chunked_float32(reverse, getkey):
+    # Contractions, so that float32 rounding is not amplified; compared with the float64
+    # loop, at float32 accuracy.
+    T, D = 257, 6
+    k1, k2, k3 = jr.split(getkey(), 3)
+    b = jr.normal(getkey(), (T, D), jnp.float32)
+    transitions = [
+        linear.Dense(0.9 * jr.orthogonal(k1, D, (T,), jnp.float32)),
+        linear.Diagonal(jr.uniform(k2, (T, D), jnp.float32, -0.95, 0.95)),
+        linear.BlockDiagonal(0.9 * jr.orthogonal(k3, 2, (T, D // 2), jnp.float32)),
+    ]
+    for transition in transitions:
+        out = _chunked(transition, b, None, reverse, 16)
+        assert out.dtype == jnp.float32
+        expected = _loop(transition.as_matrix(D), b, None, reverse)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_derivatives_and_vmap(getkey):
+    T, D = 30, 4
+    a = jr.uniform(getkey(), (2, T, D), jnp.float64, -1.0, 1.0)
+    b = jr.normal(getkey(), (2, T, D), jnp.float64)
+
+    def loss(a, b, impl):
+        solve = lambda a_, b_: linear.solve(linear.Diagonal(a_), b_, scan_impl=impl)  # noqa: E731
+        return jnp.sum(jnp.cos(jax.vmap(solve)(a, b)))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    got = grad(a, b, linear.ChunkedScan(8))
+    want = grad(a, b, linear.AssociativeScan())
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_scan_impl_names_and_validation():
+    assert linear.default_scan_impl() == linear.AssociativeScan()
+    with linear.scan_impl("chunked") as impl:
+        assert impl == linear.ChunkedScan()
+        assert linear.default_scan_impl() == linear.ChunkedScan()
+        with linear.scan_impl(linear.PallasScan(chunk_size=64)):
+            assert linear.default_scan_impl() == linear.PallasScan(chunk_size=64)
+        assert linear.default_scan_impl() == linear.ChunkedScan()
+    assert linear.default_scan_impl() == linear.AssociativeScan()
+    with pytest.raises(ValueError, match="scan_impl"):
+        linear.scan_impl("fast").__enter__()
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear.ChunkedScan(chunk_size=0)
+    with pytest.raises(ValueError, match="power of two"):
+        linear.PallasScan(chunk_size=100)
+
+
+def test_scan_impl_context_retraces_jitted_functions():
+    # The context is part of the tracing-cache key: a function jitted outside the block
+    # must not silently reuse its associative-scan trace inside it.
+    traced_with = []
+
+    @jax.jit
+    def solve(a, b):
+        traced_with.append(linear.default_scan_impl())
+        return linear.solve(linear.Diagonal(a), b)
+
+    a = jnp.full((10, 2), 0.5)
+    b = jnp.ones((10, 2))
+    out_xla = solve(a, b)
+    with linear.scan_impl("chunked"):
+        out_chunked = solve(a, b)
+    solve(a, b)
+    assert traced_with == [linear.AssociativeScan(), linear.ChunkedScan()]
+    np.testing.assert_allclose(out_chunked, out_xla, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [parassm.QuasiDEER(), pytest.param(parassm.DEER(), marks=pytest.mark.slow), parassm.Picard()],
+    ids=lambda s: type(s).__name__,
+)
+def test_solvers_pick_up_chunked(solver, getkey):
+    D, T = 3, 60
+    W = 0.5 * jr.normal(getkey(), (D, D), jnp.float64) / jnp.sqrt(jnp.asarray(D, jnp.float64))
+    xs = jr.normal(getkey(), (T, D), jnp.float64)
+    s0 = jnp.ones((D,), jnp.float64)
+    f = lambda s, x: jnp.tanh(W @ s + x)  # noqa: E731
+    with linear.scan_impl(linear.ChunkedScan(chunk_size=8)):
+        sol = parassm.evaluate(f, s0, xs=xs, solver=solver)
+    assert sol.result == parassm.RESULTS.successful
+    np.testing.assert_allclose(sol.value, sequential(f, s0, xs), rtol=1e-8, atol=1e-8)
