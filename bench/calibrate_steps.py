@@ -67,9 +67,12 @@ def trials(system, T, xs, settings):
     return {k: (np.asarray(h), np.asarray(r)) for k, (h, r) in out["trials"].items()}
 
 
+_extrapolate = jax.jit(extrapolate, static_argnums=(2, 3, 4, 5))
+
+
 def predict(row, name, T, proxy, crawl, factor):
     h, r = row["trials"][TRIAL_OF[name]]
-    return int(extrapolate(jax.numpy.asarray(h), jax.numpy.asarray(r), proxy, T, crawl, factor))
+    return int(_extrapolate(jax.numpy.asarray(h), jax.numpy.asarray(r), proxy, T, crawl, factor))
 
 
 def loss(pred, measured):
