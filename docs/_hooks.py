@@ -130,6 +130,16 @@ def public_names(module_name: str) -> list[str]:
 
 
 def _home(obj) -> str:
+    import parassm
+
+    bases = [
+        (parassm.AbstractSolver, "api/solvers.md"),
+        (getattr(parassm, "AbstractAdjoint", None), "api/adjoint.md"),
+        (getattr(parassm.linear, "AbstractScanImpl", None), "api/solvers.md"),
+    ]
+    for base, page in bases:
+        if base is not None and isinstance(obj, type) and issubclass(obj, base):
+            return page
     module = getattr(obj, "__module__", "") or ""
     for prefix, page in HOMES:
         if module.startswith(prefix):
