@@ -685,12 +685,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor-D", type=int, default=16)
     parser.add_argument("--floor-T", type=int, default=None)
     parser.add_argument("--floor-rounds", type=int, default=None)
+    parser.add_argument(
+        "--problems",
+        nargs="+",
+        choices=["gru", "mean_field", "two_well"],
+        default=None,
+        help="run only these problems of the grid",
+    )
+    parser.add_argument("--gru-D", type=int, nargs="+", default=None, help="override")
+    parser.add_argument("--gru-T", type=int, nargs="+", default=None, help="override")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=math.inf,
+        help="no new grid run starts after this many seconds (the rest: skipped rows)",
+    )
     args = parser.parse_args(argv)
 
     dtype = jnp.dtype(args.dtype)
     if dtype == jnp.float64:
         jax.config.update("jax_enable_x64", True)
     profile = PROFILES[args.profile]
+    if args.gru_D:
+        profile = dataclasses.replace(profile, gru_D=tuple(args.gru_D))
+    if args.gru_T:
+        profile = dataclasses.replace(profile, gru_T=tuple(args.gru_T))
     base = dict(stamp(dtype), profile=args.profile)
     print(
         f"parassm core benchmark ({args.profile}): jax {base['jax_version']}, "
@@ -707,8 +726,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if args.only in ("all", "grid"):
         print_header()
+        deadline = start + args.budget_s
         for problem in problems(profile, dtype):
-            rows.extend(run_problem(problem, profile, dtype, base))
+            if args.problems and problem.name not in args.problems:
+                continue
+            rows.extend(run_problem(problem, profile, dtype, base, deadline=deadline))
     if args.only in ("all", "lle"):
         rows.extend(lle_sweep(profile, dtype, base))
     if args.only in ("all", "floor"):
