@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out-dir", type=pathlib.Path, default=HERE / "results")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
 
     names = args.only or list(SCRIPTS)
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {name}: bench/{SCRIPTS[name]} {why}; skipped", flush=True)
             continue
         print(f"[bench] {name}: {' '.join(cmd)}", flush=True)
+        if args.dry_run:
+            continue
         start = time.perf_counter()
         code = subprocess.run(cmd, cwd=HERE.parent).returncode
         print(f"[bench] {name}: exit {code} after {time.perf_counter() - start:.0f} s", flush=True)
