@@ -11,8 +11,6 @@ it resolve) without editing the docs.
 import importlib
 import types
 
-from mkdocs.structure.files import File
-
 
 # page -> (title, introduction, [(module, [preferred order of names])])
 PAGES: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
@@ -188,6 +186,9 @@ def render(page: str, names: list[str]) -> str:
 
 
 def on_files(files, config):
+    # Imported here so that tests can use `api_pages` without mkdocs installed.
+    from mkdocs.structure.files import File
+
     for page, names in api_pages().items():
         if files.get_file_from_path(page) is None:
             files.append(File.generated(config, page, content=render(page, names)))
