@@ -339,13 +339,16 @@ class ImplicitAdjoint(AbstractAdjoint):
         if linear_solver is None:
             linear_solver = DenseScan() if size <= 64 else QuasiScan()
         flat_value = jax.vmap(ravel)(value)
-        flat_value = _implicit(
-            flat_value,
-            f,
-            ravel(s0),
-            xs,
-            linear_solver=linear_solver,
-            ravel=ravel,
-            unravel=unravel,
-        )
+        # Under differentiation the tangent solves are traced right here: in the solver's
+        # context, so that they run like its own solves (e.g. sharded).
+        with solver.linear_context():
+            flat_value = _implicit(
+                flat_value,
+                f,
+                ravel(s0),
+                xs,
+                linear_solver=linear_solver,
+                ravel=ravel,
+                unravel=unravel,
+            )
         return jax.vmap(unravel)(flat_value), result, stats

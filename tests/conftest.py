@@ -4,6 +4,8 @@ import pytest
 from hypothesis import settings
 
 
+# Fake CPU devices for the sequence-parallel tests (only ever set here, never in parassm).
+jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")

@@ -1,4 +1,5 @@
 import abc
+import contextlib
 from collections.abc import Callable
 
 import equinox as eqx
@@ -24,6 +25,12 @@ class AbstractSolver(eqx.Module):
     ) -> tuple[PyTree[Array], RESULTS, dict[str, Array]]:
         """Evaluate the trajectory. Inputs are already validated by
         [`parassm.evaluate`][]; returns `(value, result, stats)`."""
+
+    def linear_context(self) -> contextlib.AbstractContextManager:
+        """A context in which every linear-recurrence solve for this solver is traced,
+        its own and those of the implicit adjoint (e.g. a sharded scan). None by
+        default."""
+        return contextlib.nullcontext()
 
 
 def default_tolerance(dtype) -> float:
