@@ -34,6 +34,7 @@ class Backtracking(AbstractGlobalization):
     Tries $S + \alpha\,\delta$ for $\alpha = 1, \beta, \beta^2, \ldots$ and takes the first
     one with $L(S + \alpha\delta) \le (1 - c\,\alpha) L(S)$. If none of the
     `max_backtracks + 1` trials passes, the one with the smallest merit is taken (the
+    shortest on ties, e.g. when every trial overflows; the
     converged prefix still grows by at least one step: step `p` is always set to
     $f(s_{p-1}, x_p)$). Each trial costs one vectorised evaluation of `f` over the
     sequence, no derivatives.
@@ -70,7 +71,8 @@ class Backtracking(AbstractGlobalization):
             k, alpha, _, best_alpha, best_merit = carry
             merit = it.merit(it.apply(alpha * delta))
             ok = merit <= (1 - self.decrease * alpha) * merit0
-            better = merit < best_merit
+            # Ties go to the shorter step: if every trial overflows, move the least.
+            better = merit <= best_merit
             best_alpha = jnp.where(ok | better, alpha, best_alpha)
             best_merit = jnp.where(ok | better, merit, best_merit)
             return k + 1, alpha * self.shrink, ok, best_alpha, best_merit
