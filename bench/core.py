@@ -724,6 +724,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     rows: list[dict] = []
     start = time.perf_counter()
+    out = args.out or RESULTS_DIR / f"core_{base['backend']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out.write_text(json.dumps(rows, indent=1, default=_json_default) + "\n")
+
     if args.only in ("all", "grid"):
         print_header()
         deadline = start + args.budget_s
@@ -731,6 +737,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.problems and problem.name not in args.problems:
                 continue
             rows.extend(run_problem(problem, profile, dtype, base, deadline=deadline))
+            save()  # after every problem: an interrupted run keeps what it measured
     if args.only in ("all", "lle"):
         rows.extend(lle_sweep(profile, dtype, base))
     if args.only in ("all", "floor"):
@@ -743,9 +750,7 @@ def main(argv: list[str] | None = None) -> int:
                 base,
             )
         )
-    out = args.out or RESULTS_DIR / f"core_{base['backend']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1, default=_json_default) + "\n")
+    save()
     print(f"\n{len(rows)} rows in {time.perf_counter() - start:.0f} s -> {out}")
     return 0
 
