@@ -8,6 +8,7 @@ from ._adjoint import (
     ImplicitAdjoint as ImplicitAdjoint,
     QuasiScan as QuasiScan,
     SequentialScan as SequentialScan,
+    UnrolledAdjoint as UnrolledAdjoint,
 )
 from ._evaluate import evaluate as evaluate, scan as scan
 from ._solution import RESULTS as RESULTS, Solution as Solution

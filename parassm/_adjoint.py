@@ -13,6 +13,7 @@ the Newton iterations: memory does not grow with their number.
 """
 
 import abc
+import functools as ft
 from collections.abc import Callable
 
 import equinox as eqx
@@ -23,9 +24,10 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Float, PyTree
 
 from . import _linear as linear
-from ._problem import Flat, ravelling
+from ._problem import Flat, flatten, ravelling, unravel_trajectory
 from ._solvers import _jacobian as jacobian
 from ._solvers._base import AbstractSolver, default_tolerance
+from ._solvers._parallel import AbstractParallelSolver
 from ._solvers.quasi_deer import AbstractDiagonal, ExactDiagonal
 from ._solvers.sequential import Sequential
 
@@ -352,3 +354,48 @@ class ImplicitAdjoint(AbstractAdjoint):
                 unravel=unravel,
             )
         return jax.vmap(unravel)(flat_value), result, stats
+
+
+class UnrolledAdjoint(AbstractAdjoint):
+    """Differentiate through the solver's iterations (with checkpointing).
+
+    This is the derivative of the iterate the solver actually returned, converged or
+    not, which is what you want when the solve is deliberately truncated
+    (`max_steps` small, `throw=False`) and the implicit gradient of the exact trajectory
+    would be wrong. When the solve converges, it agrees with
+    [`parassm.ImplicitAdjoint`][] but costs more.
+
+    Reverse mode goes through a checkpointed loop of `max_steps + 1` iterations
+    (`equinox.internal.while_loop(kind="checkpointed")`): memory grows with the number of
+    checkpoints, and backpropagation recomputes iterations between them. Works with the
+    parallel solvers ([`parassm.AbstractParallelSolver`][] subclasses such as
+    [`parassm.DEER`][]) and [`parassm.Sequential`][].
+
+    **Arguments:**
+
+    - `checkpoints`: the number of checkpoints (`None`: equinox's default, about
+        `log(max_steps)` memory).
+    """
+
+    checkpoints: int | None = eqx.field(default=None, static=True)
+
+    def apply(self, solver, f, s0, xs, length, init, max_steps):
+        if isinstance(solver, Sequential):
+            return solver.solve(f, s0, xs, length, init, max_steps)
+        if not isinstance(solver, AbstractParallelSolver):
+            raise TypeError(
+                "`UnrolledAdjoint` differentiates through the iterations of a parallel "
+                f"solver such as `parassm.DEER()`; {type(solver).__name__} is not one. "
+                "Use `parassm.ImplicitAdjoint()` instead."
+            )
+        steps = length if max_steps is None else max_steps
+        loop = ft.partial(
+            eqx.internal.while_loop,
+            max_steps=steps + 1,
+            kind="checkpointed",
+            checkpoints=self.checkpoints,
+        )
+        flat = flatten(f, s0)
+        with solver.linear_context():
+            states, result, stats = solver.solve_flat(flat, xs, length, init, max_steps, loop=loop)
+        return unravel_trajectory(flat, states), result, stats

@@ -185,3 +185,39 @@ def test_backward_memory_independent_of_newton_steps():
     _, _, T, D = few
     # Residuals are O(T D^2) (dense Jacobians at the solution), not O(steps T D).
     assert few[0] <= 16 * T * D * (D + 8) * 8
+
+
+def test_unrolled_adjoint():
+    cell, s0 = _cells(jr.key(9))["gru"]
+    xs = jr.normal(jr.key(10), (30, 3), jnp.float64)
+    unrolled = parassm.UnrolledAdjoint()
+    grad = eqx.filter_grad(_loss)
+    # Converged: the derivative of the iterates is the derivative of the trajectory.
+    assert tree_allclose(
+        grad(cell, s0, xs, parassm.DEER(), unrolled), grad(cell, s0, xs, None), rtol=1e-6, atol=1e-9
+    )
+
+    # Truncated after two iterations: the unrolled gradient is the derivative of what was
+    # returned (finite differences agree); the implicit one is not.
+    def truncated(shift, adjoint):
+        c = eqx.tree_at(lambda c: c.bias, cell, cell.bias + shift)
+        sol = parassm.evaluate(
+            lambda s, x: c(x, s),
+            s0,
+            xs=xs,
+            solver=parassm.QuasiDEER(),
+            adjoint=adjoint,
+            max_steps=2,
+            throw=False,
+        )
+        return jnp.sum(sol.value**2)
+
+    zero = jnp.zeros_like(cell.bias)
+    e = zero.at[3].set(1e-6)
+    fd = (truncated(e, unrolled) - truncated(-e, unrolled)) / 2e-6
+    g_unrolled = jax.grad(truncated)(zero, unrolled)[3]
+    g_implicit = jax.grad(truncated)(zero, parassm.ImplicitAdjoint())[3]
+    np.testing.assert_allclose(g_unrolled, fd, rtol=1e-6)
+    assert abs(g_implicit - fd) > 1e-3 * abs(fd)
+    with pytest.raises(TypeError, match="ImplicitAdjoint"):
+        parassm.evaluate(lambda s, x: s, jnp.ones(2), 3, solver=parassm.Auto(), adjoint=unrolled)

@@ -211,6 +211,7 @@ class AbstractParallelSolver(AbstractSolver):
         max_steps: int | None,
         *,
         window: int | None = None,
+        loop: Callable = lax.while_loop,
     ) -> tuple[Float[Array, "T D"], RESULTS, dict[str, Array]]:
         T = length
         W = T if window is None else min(window, T)
@@ -292,7 +293,9 @@ class AbstractParallelSolver(AbstractSolver):
         )
         done0 = (jnp.array(0, dtype), jnp.array(0, dtype))
         carry = (S0, jnp.array(0), jnp.array(0), jnp.array(False), stats0, state0, done0)
-        S, _, num_steps, _, stats, _, _ = lax.while_loop(lambda c: ~c[3], body, carry)
+        # `loop` is `lax.while_loop`, or a reverse-differentiable (checkpointed) loop for
+        # `parassm.UnrolledAdjoint`; it runs at most `max_steps + 1` bodies.
+        S, _, num_steps, _, stats, _, _ = loop(lambda c: ~c[3], body, carry)
 
         converged = stats.pop("converged")
         nonfinite = stats.pop("nonfinite")
