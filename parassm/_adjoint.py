@@ -29,7 +29,6 @@ from ._solvers import _jacobian as jacobian
 from ._solvers._base import AbstractSolver, default_tolerance
 from ._solvers._parallel import AbstractParallelSolver
 from ._solvers.quasi_deer import AbstractDiagonal, ExactDiagonal
-from ._solvers.sequential import Sequential
 
 
 class _Linearisation:
@@ -327,7 +326,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     linear_solver: AbstractLinearSolver | None = None
 
     def apply(self, solver, f, s0, xs, length, init, max_steps):
-        if isinstance(solver, Sequential):
+        if solver.runs_sequentially(s0, length):
             # `lax.scan` is differentiable as it stands, and exact.
             return solver.solve(f, s0, xs, length, init, max_steps)
         x0 = None if xs is None else jtu.tree_map(lambda x: x[0], xs)
@@ -380,7 +379,7 @@ class UnrolledAdjoint(AbstractAdjoint):
     checkpoints: int | None = eqx.field(default=None, static=True)
 
     def apply(self, solver, f, s0, xs, length, init, max_steps):
-        if isinstance(solver, Sequential):
+        if solver.runs_sequentially(s0, length):
             return solver.solve(f, s0, xs, length, init, max_steps)
         if not isinstance(solver, AbstractParallelSolver):
             raise TypeError(

@@ -220,4 +220,10 @@ def test_unrolled_adjoint():
     np.testing.assert_allclose(g_unrolled, fd, rtol=1e-6)
     assert abs(g_implicit - fd) > 1e-3 * abs(fd)
     with pytest.raises(TypeError, match="ImplicitAdjoint"):
-        parassm.evaluate(lambda s, x: s, jnp.ones(2), 3, solver=parassm.Auto(), adjoint=unrolled)
+        parassm.evaluate(
+            lambda s, x: s,
+            jnp.ones(2),
+            3,
+            solver=parassm.SlidingWindow(parassm.DEER(), 2),
+            adjoint=unrolled,
+        )

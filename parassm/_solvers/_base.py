@@ -26,6 +26,11 @@ class AbstractSolver(eqx.Module):
         """Evaluate the trajectory. Inputs are already validated by
         [`parassm.evaluate`][]; returns `(value, result, stats)`."""
 
+    def runs_sequentially(self, s0: PyTree[Array], length: int) -> bool:
+        """True if this solver is known, at trace time, to evaluate by `jax.lax.scan`
+        alone, so that its value can be differentiated as it stands. False by default."""
+        return False
+
     def linear_context(self) -> contextlib.AbstractContextManager:
         """A context in which every linear-recurrence solve for this solver is traced,
         its own and those of the implicit adjoint (e.g. a sharded scan). None by

@@ -212,7 +212,17 @@ class AbstractParallelSolver(AbstractSolver):
         *,
         window: int | None = None,
         loop: Callable = lax.while_loop,
+        history: int | None = None,
     ) -> tuple[Float[Array, "T D"], RESULTS, dict[str, Array]]:
+        """The Newton loop on the flat recurrence. Keyword-only options:
+
+        - `window`: iterate on `window` steps at a time (see the module docstring).
+        - `loop`: the `while_loop` to run the iterations with.
+        - `history`: if given, `stats` also holds `history_prefix` and
+            `history_log_residual`, of length `history + 1`: the converged prefix and
+            the log of the largest scaled residual measured after `k` iterations (`-1`
+            and `inf` where no iteration `k` took place).
+        """
         T = length
         W = T if window is None else min(window, T)
         max_steps = T if max_steps is None else max_steps
@@ -228,7 +238,7 @@ class AbstractParallelSolver(AbstractSolver):
             return w0, lax.dynamic_slice_in_dim(S, w0, W), jnp.where(w0 > 0, before, flat.s0), xs_w
 
         def body(carry):
-            S, start, iteration, _, _, state, done = carry
+            S, start, iteration, _, _, state, done, trace = carry
             w0, Sw, s_before, xs_w = view(S, start)
             step_fn = batched(flat, xs_w)
             s_prev = shift(Sw, s_before)
@@ -254,6 +264,12 @@ class AbstractParallelSolver(AbstractSolver):
 
             # A window with nothing to do (every step converged) only moves on.
             idle = stop | (p_w == W)
+            if trace is not None:
+                log_res = jnp.log(jnp.max(err_t))
+                trace = (
+                    trace[0].at[iteration].set(p, mode="drop"),
+                    trace[1].at[iteration].set(log_res, mode="drop"),
+                )
             S_next, state = lax.cond(idle, lambda: (S, state), update)
             abs_r = jnp.max(jnp.abs(r), axis=1)
             # Steps after the window have not been measured yet.
@@ -278,7 +294,7 @@ class AbstractParallelSolver(AbstractSolver):
                 jnp.maximum(done[0], jnp.max(jnp.where(leaving & ~exact, err_t, zero))),
                 jnp.maximum(done[1], jnp.max(jnp.where(leaving & ~exact, abs_r, zero))),
             )
-            return S_next, start, iteration + jnp.where(idle, 0, 1), stop, stats, state, done
+            return S_next, start, iteration + jnp.where(idle, 0, 1), stop, stats, state, done, trace
 
         S0 = flat_initial_guess(flat, init, T)
         dtype = S0.dtype
@@ -292,10 +308,15 @@ class AbstractParallelSolver(AbstractSolver):
             **self.state_stats(state0),
         )
         done0 = (jnp.array(0, dtype), jnp.array(0, dtype))
-        carry = (S0, jnp.array(0), jnp.array(0), jnp.array(False), stats0, state0, done0)
+        trace0 = None
+        if history is not None:
+            trace0 = (jnp.full(history + 1, -1), jnp.full(history + 1, jnp.inf, dtype))
+        carry = (S0, jnp.array(0), jnp.array(0), jnp.array(False), stats0, state0, done0, trace0)
         # `loop` is `lax.while_loop`, or a reverse-differentiable (checkpointed) loop for
         # `parassm.UnrolledAdjoint`; it runs at most `max_steps + 1` bodies.
-        S, _, num_steps, _, stats, _, _ = loop(lambda c: ~c[3], body, carry)
+        S, _, num_steps, _, stats, _, _, trace = loop(lambda c: ~c[3], body, carry)
+        if trace is not None:
+            stats = dict(stats, history_prefix=trace[0], history_log_residual=trace[1])
 
         converged = stats.pop("converged")
         nonfinite = stats.pop("nonfinite")

@@ -70,23 +70,33 @@ class Auto(AbstractSolver):
             out[name] = _PARALLEL[name](rtol=self.rtol, atol=self.atol)
         return out
 
-    def solve(self, f, s0, xs, length, init, max_steps):
-        from ..diagnostics._diagnose import default_settings, diagnose_flat, MARGIN
-        from ..diagnostics._predict import iteration_cost
-
+    def _hardware(self) -> Hardware:
         hardware = Hardware.detect() if self.hardware is None else self.hardware
         if not isinstance(hardware, Hardware):
             raise TypeError("`hardware` must be a `parassm.diagnostics.Hardware` or None.")
+        return hardware
+
+    def runs_sequentially(self, s0, length):
+        from ..diagnostics._diagnose import MARGIN
+        from ..diagnostics._predict import iteration_cost
+
+        hardware = self._hardware()
+        size = sum(leaf.size for leaf in jtu.tree_leaves(s0))
+        cheapest = min(iteration_cost(n, size, length, hardware) for n in self.solvers)
+        return cheapest * MARGIN >= length
+
+    def solve(self, f, s0, xs, length, init, max_steps):
+        from ..diagnostics._diagnose import default_settings, diagnose_flat
+
+        hardware = self._hardware()
         dtype = jtu.tree_leaves(s0)[0].dtype
         candidates = self.candidates()
-        size = sum(leaf.size for leaf in jtu.tree_leaves(s0))
 
         def run(name):
             value, result, stats = candidates[name].solve(f, s0, xs, length, init, max_steps)
             return value, result, _normalise(stats, dtype)
 
-        cheapest = min(iteration_cost(n, size, length, hardware) for n in self.solvers)
-        if cheapest * MARGIN >= length:
+        if self.runs_sequentially(s0, length):
             value, result, stats = run("Sequential")
             return value, result, dict(stats, solver=jnp.array(0))
         settings = default_settings(self.solvers, hardware, self.proxy_length)

@@ -22,6 +22,9 @@ class Sequential(AbstractSolver):
 
     unroll: int = 1
 
+    def runs_sequentially(self, s0, length):
+        return True
+
     def solve(self, f, s0, xs, length, init, max_steps):
         def step(s, x):
             s = f(s, x)
