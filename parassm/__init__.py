@@ -11,8 +11,8 @@ from ._adjoint import (
     UnrolledAdjoint as UnrolledAdjoint,
 )
 from ._evaluate import evaluate as evaluate, scan as scan
-from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._sharding import Sharded as Sharded, ShardedScan as ShardedScan
+from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solvers._base import AbstractSolver as AbstractSolver
 from ._solvers._parallel import AbstractParallelSolver as AbstractParallelSolver
 from ._solvers.auto import Auto as Auto

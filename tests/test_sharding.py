@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-import pytest
-from jax.sharding import AxisType
-
 import parassm
 import parassm.linear as linear
+import pytest
+from jax.sharding import AxisType
 
 from .helpers import sequential, tree_allclose
 
@@ -113,3 +112,25 @@ def test_explicit_axes_are_rejected():
         parassm.Sharded(parassm.DEER(), mesh)
     with pytest.raises(ValueError, match="not in the mesh"):
         parassm.ShardedScan(_mesh(4), "time")
+
+
+def test_data_and_sequence_parallel_mesh():
+    # A batch axis over "data" and time over "seq": vmap over the batch.
+    mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(AxisType.Auto,) * 2)
+    system = parassm.systems.GRU(hidden_size=4)
+    xs = jr.normal(jr.key(0), (2, 64, 4))
+    xs = jax.device_put(
+        xs, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "seq"))
+    )
+    solver = parassm.Sharded(parassm.QuasiDEER(), mesh, "seq")
+
+    @jax.jit
+    @jax.vmap
+    def run(x):
+        sol = parassm.evaluate(system.f, system.s0, xs=x, solver=solver, throw=False)
+        return sol.value, sol.result == parassm.RESULTS.successful
+
+    value, ok = run(xs)
+    assert ok.tolist() == [True, True]
+    expected = jax.vmap(lambda x: sequential(system.f, system.s0, x))(xs)
+    np.testing.assert_allclose(value, expected, rtol=1e-9, atol=1e-10)
