@@ -11,7 +11,6 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.random as jr
-
 import parassm
 
 
