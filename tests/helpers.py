@@ -42,3 +42,30 @@ def random_contraction(key, size, contraction, dtype):
     """A random matrix with spectral norm `contraction`."""
     W = jax.random.normal(key, (size, size), dtype)
     return contraction * W / jnp.linalg.norm(W, ord=2)
+
+
+def linear_loop(matrices, b, init, reverse):
+    """Reference for `parassm.linear.solve`: the recurrence one step at a time, with
+    dense matrices, in NumPy."""
+    T, D = b.shape
+    s = np.zeros(D) if init is None else np.asarray(init)
+    out = np.zeros((T, D))
+    for t in range(T - 1, -1, -1) if reverse else range(T):
+        s = np.asarray(matrices[t]) @ s + np.asarray(b[t])
+        out[t] = s
+    return out
+
+
+def random_transitions(key, T, D, dtype):
+    """One transition of every structure (`D` even), with random maps."""
+    import parassm.linear as linear
+
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    return [
+        linear.Dense(0.5 * jax.random.normal(k1, (T, D, D), dtype)),
+        linear.Diagonal(jax.random.uniform(k2, (T, D), dtype, -1.2, 1.2)),
+        linear.BlockDiagonal(0.5 * jax.random.normal(k3, (T, D // 2, 2, 2), dtype)),
+        linear.Scalar(jax.random.uniform(k4, (T,), dtype, -1.0, 1.0)),
+        linear.Scalar(jnp.ones((T,), dtype)),
+        linear.Zero(T),
+    ]

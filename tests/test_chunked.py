@@ -10,29 +10,7 @@ import parassm
 import parassm.linear as linear
 import pytest
 
-from .helpers import sequential
-
-
-def _loop(matrices, b, init, reverse):
-    T, D = b.shape
-    s = np.zeros(D) if init is None else np.asarray(init)
-    out = np.zeros((T, D))
-    for t in range(T - 1, -1, -1) if reverse else range(T):
-        s = np.asarray(matrices[t]) @ s + np.asarray(b[t])
-        out[t] = s
-    return out
-
-
-def _transitions(key, T, D, dtype):
-    k1, k2, k3, k4 = jr.split(key, 4)
-    return [
-        linear.Dense(0.5 * jr.normal(k1, (T, D, D), dtype)),
-        linear.Diagonal(jr.uniform(k2, (T, D), dtype, -1.2, 1.2)),
-        linear.BlockDiagonal(0.5 * jr.normal(k3, (T, D // 2, 2, 2), dtype)),
-        linear.Scalar(jr.uniform(k4, (T,), dtype, -1.0, 1.0)),
-        linear.Scalar(jnp.ones((T,), dtype)),
-        linear.Zero(T),
-    ]
+from .helpers import linear_loop as _loop, random_transitions as _transitions, sequential
 
 
 @ft.partial(jax.jit, static_argnames=("reverse", "chunk_size"))

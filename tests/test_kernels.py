@@ -12,7 +12,7 @@ import parassm._kernels as kernels
 import parassm.linear as linear
 import pytest
 
-from .helpers import sequential
+from .helpers import linear_loop as _loop, sequential
 
 
 def _tol(dtype):
@@ -134,16 +134,6 @@ def test_kernel_validation():
     big = jnp.ones((4, 1, 33, 33))
     with pytest.raises(ValueError, match="larger than"):
         kernels.block_scan(big, jnp.ones((4, 33)))
-
-
-def _loop(matrices, b, init, reverse):
-    T, D = b.shape
-    s = np.zeros(D) if init is None else np.asarray(init)
-    out = np.zeros((T, D))
-    for t in range(T - 1, -1, -1) if reverse else range(T):
-        s = np.asarray(matrices[t]) @ s + np.asarray(b[t])
-        out[t] = s
-    return out
 
 
 def _transitions(key, T, D):

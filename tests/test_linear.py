@@ -4,29 +4,7 @@ import numpy as np
 import parassm.linear as linear
 import pytest
 
-
-def _loop(matrices, b, init, reverse):
-    """Reference: the recurrence one step at a time with dense matrices."""
-    T, D = b.shape
-    s = np.zeros(D) if init is None else np.asarray(init)
-    out = np.zeros((T, D))
-    order = range(T - 1, -1, -1) if reverse else range(T)
-    for t in order:
-        s = np.asarray(matrices[t]) @ s + np.asarray(b[t])
-        out[t] = s
-    return out
-
-
-def _transitions(key, T, D, dtype):
-    k1, k2, k3, k4 = jr.split(key, 4)
-    return [
-        linear.Dense(0.5 * jr.normal(k1, (T, D, D), dtype)),
-        linear.Diagonal(jr.uniform(k2, (T, D), dtype, -1.2, 1.2)),
-        linear.BlockDiagonal(0.5 * jr.normal(k3, (T, D // 2, 2, 2), dtype)),
-        linear.Scalar(jr.uniform(k4, (T,), dtype, -1.0, 1.0)),
-        linear.Scalar(jnp.ones((T,), dtype)),
-        linear.Zero(T),
-    ]
+from .helpers import linear_loop as _loop, random_transitions as _transitions
 
 
 @pytest.mark.parametrize("T", [1, 2, 7, 64, 129])
