@@ -16,20 +16,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from ._linear import AbstractTransition
-from ._linear._scan_impl import _swap, AbstractScanImpl
+from ._linear._scan_impl import _combine, _swap, AbstractScanImpl
 from ._solvers._base import AbstractSolver
-
-
-def _combine(transition: AbstractTransition):
-    compose, apply = transition.compose, transition.apply
-
-    def combine(first, second):
-        a1, b1 = first
-        a2, b2 = second
-        return compose(a2, a1), apply(a2, b1) + b2
-
-    return combine
 
 
 def check_mesh(mesh: Mesh, axis: str) -> None:
