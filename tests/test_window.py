@@ -85,6 +85,19 @@ def test_failure_is_reported():
     assert int(sol.stats["converged_prefix"]) < 40
 
 
+def test_block_size_checked_in_window():
+    # The window calls the solver's Newton loop directly; the block-size check must
+    # still run (it used to live in `BlockQuasiDEER.solve`, which the window skips).
+    cell, s0, xs = _problem(T=20, D=2)
+    bad = parassm.SlidingWindow(parassm.BlockQuasiDEER(block_size=3), window=8)
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        parassm.evaluate(cell, s0, xs=xs, solver=bad)
+    good = parassm.SlidingWindow(parassm.BlockQuasiDEER(block_size=2), window=8)
+    sol = parassm.evaluate(cell, s0, xs=xs, solver=good)
+    assert sol.result == parassm.RESULTS.successful
+    assert tree_max_abs_diff(sol.value, sequential(cell, s0, xs)) < 1e-9
+
+
 def test_validation():
     with pytest.raises(ValueError, match="window"):
         parassm.SlidingWindow(parassm.DEER(), window=0)

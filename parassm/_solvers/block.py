@@ -1,5 +1,4 @@
 import equinox as eqx
-import jax.tree_util as jtu
 
 from .. import _linear as linear
 from . import _jacobian as jacobian
@@ -37,15 +36,16 @@ class BlockQuasiDEER(AbstractParallelSolver):
             raise ValueError(f"`block_size` must be at least 1, got {self.block_size}.")
         check_tolerances(self.rtol, self.atol)
 
-    def solve(self, f, s0, xs, length, init, max_steps):
-        size = sum(leaf.size for leaf in jtu.tree_leaves(s0))
-        if size % self.block_size != 0:
+    def solve_flat(self, flat, xs, length, init, max_steps, **kwargs):
+        # Checked here rather than in `solve`: wrappers such as `parassm.SlidingWindow`
+        # and the diagnostics trial call `solve_flat` directly.
+        if flat.size % self.block_size != 0:
             raise ValueError(
                 f"BlockQuasiDEER(block_size={self.block_size}) needs the state size to "
-                f"be a multiple of the block size, but the flattened state has {size} "
+                f"be a multiple of the block size, but the flattened state has {flat.size} "
                 "components. Choose a divisor of the state size."
             )
-        return super().solve(f, s0, xs, length, init, max_steps)
+        return super().solve_flat(flat, xs, length, init, max_steps, **kwargs)
 
     def transition(self, flat, xs, s_prev, lin, iteration):
         T, D = s_prev.shape
