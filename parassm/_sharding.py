@@ -14,6 +14,7 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from jax.flatten_util import ravel_pytree
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ._linear._scan_impl import _combine, _swap, AbstractScanImpl
@@ -66,38 +67,59 @@ class ShardedScan(AbstractScanImpl):
     def __check_init__(self):
         check_mesh(self.mesh, self.axis)
 
-    def scan(self, transition, b, *, reverse):
+    def _across_shards(self, fn, elems, reverse, fix_up):
+        """The sharded scan: a local `lax.associative_scan` of `fn` on each shard, ONE
+        all-gather of the per-shard totals, a scan over those (redundantly on every
+        device), and `fix_up(incoming, local)` on every shard but the first in scan
+        order. Returns the scan of `elems`' leaves, `T` long."""
         n = self.mesh.shape[self.axis]
-        T = b.shape[0]
-        a = transition.elements()
+        T = jtu.tree_leaves(elems)[0].shape[0]
         pad = -T % n
-        # Zero maps and offsets after the end: forwards they come after every real step;
-        # backwards they are visited first and leave the (zero) start state unchanged.
-        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-        b = jnp.pad(b, ((0, pad), (0, 0)))
-        combine = _combine(transition)
-        apply = transition.apply
+        # Padding after the last step in scan order (at the start when reversed) never
+        # reaches a real output; its outputs are dropped.
+        where = (pad, 0) if reverse else (0, pad)
+        elems = jtu.tree_map(lambda x: jnp.pad(x, [where] + [(0, 0)] * (x.ndim - 1)), elems)
         axis = self.axis
 
-        def local(a, b):
-            a_cum, b_cum = lax.associative_scan(combine, (a, b), reverse=reverse)
+        def local(elems):
+            scanned = lax.associative_scan(fn, elems, reverse=reverse)
             edge = 0 if reverse else -1
-            summaries = lax.all_gather((a_cum[edge], b_cum[edge]), axis)
-
-            def through(s, summary):
-                a_j, b_j = summary
-                return apply(a_j[None], s[None])[0] + b_j, s
-
-            _, incoming = lax.scan(through, jnp.zeros_like(b[0]), summaries, reverse=reverse)
-            s_in = incoming[lax.axis_index(axis)]
-            return b_cum + apply(a_cum, jnp.broadcast_to(s_in, b_cum.shape))
+            # The shard's total, packed into one buffer: one all-gather per scan.
+            packed, unpack = ravel_pytree(jtu.tree_map(lambda x: x[edge], scanned))
+            totals = jax.vmap(unpack)(lax.all_gather(packed, axis))
+            totals = lax.associative_scan(fn, totals, reverse=reverse)
+            i = lax.axis_index(axis)
+            before = i + 1 if reverse else i - 1
+            incoming = jtu.tree_map(lambda x: x[jnp.clip(before, 0, n - 1)], totals)
+            fixed = fix_up(incoming, scanned)
+            first = i == (n - 1 if reverse else 0)
+            return jtu.tree_map(lambda s, f: jnp.where(first, s, f), scanned, fixed)
 
         spec = PartitionSpec(axis)
-        a, b = place((a, b), self.mesh, self.axis)
+        elems = place(elems, self.mesh, axis)
         out = jax.shard_map(
-            local, mesh=self.mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False
-        )(a, b)
-        return out[:T]
+            local, mesh=self.mesh, in_specs=(spec,), out_specs=spec, check_vma=False
+        )(elems)
+        return jtu.tree_map(lambda x: x[pad:] if reverse else x[:T], out)
+
+    def scan(self, transition, b, *, reverse):
+        apply = transition.apply
+
+        def fix_up(incoming, scanned):
+            # From a zero start the state entering the shard is the incoming offset; only
+            # offsets are needed (no products of maps).
+            a_cum, b_cum = scanned
+            return a_cum, b_cum + apply(a_cum, jnp.broadcast_to(incoming[1], b_cum.shape))
+
+        pair = (transition.elements(), b)
+        return self._across_shards(_combine(transition), pair, reverse, fix_up)[1]
+
+    def associative_scan(self, fn, elems, *, reverse=False):
+        def fix_up(incoming, scanned):
+            incoming = jtu.tree_map(lambda x, s: jnp.broadcast_to(x, s.shape), incoming, scanned)
+            return fn(incoming, scanned)
+
+        return self._across_shards(fn, elems, reverse, fix_up)
 
 
 class Sharded(AbstractSolver):

@@ -159,3 +159,24 @@ def test_gauss_jordan_inverse_needs_pivoting():
     np.testing.assert_allclose(
         eqx.filter_jit(_inverse)(M) @ M, np.broadcast_to(np.eye(3), (2, 3, 3)), atol=1e-12
     )
+
+
+@pytest.mark.parametrize("diagonal", [False, True], ids=["dense", "diagonal"])
+def test_one_covariance_for_all_steps(diagonal):
+    # `Q` and `R` given once mean the same at every step.
+    args, _ = _problem(3, 12, 3, diagonal)
+    F, u, Q, y, R, m0, P0 = _as_arrays(args)
+    transition = parassm.linear.Diagonal(F) if diagonal else parassm.linear.Dense(F)
+    T = u.shape[0]
+    once = kalman_smoother(transition, u, Q[0], y, R[0], m0, P0)
+    every = kalman_smoother(
+        transition,
+        u,
+        jnp.broadcast_to(Q[0], (T,) + Q.shape[1:]),
+        y,
+        jnp.broadcast_to(R[0], (T,) + R.shape[1:]),
+        m0,
+        P0,
+    )
+    for a, b in zip(once, every):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -25,6 +25,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._scan_impl import associative_scan
 from ._solve import solve
 from ._transitions import AbstractTransition, Dense, Diagonal
 
@@ -124,7 +125,10 @@ def _check(transition, b, Q, y, R, m0, P0):
             )
         return x
 
+    # `Q_{t+1}` at step `t`, for the smoother (no shift needed for a constant `Q`).
+    Q_next = jnp.broadcast_to(Q, (T,) + cov) if jnp.shape(Q) == cov else None
     Q = per_step("Q", Q)
+    Q_next = _next(Q) if Q_next is None else Q_next
     R = per_step("R", R)
     m0 = jnp.zeros((D,), b.dtype) if m0 is None else jnp.asarray(m0)
     if m0.shape != (D,):
@@ -132,7 +136,7 @@ def _check(transition, b, Q, y, R, m0, P0):
     P0 = jnp.zeros(cov, b.dtype) if P0 is None else jnp.asarray(P0)
     if P0.shape != cov:
         raise ValueError(f"`P0` must have shape {cov} for a {kind} transition, got {P0.shape}.")
-    return dense, Q, R, m0, P0
+    return dense, Q, Q_next, R, m0, P0
 
 
 def _filter(dense, F, u, Q, y, R, m0, P0):
@@ -171,32 +175,42 @@ def _filter(dense, F, u, Q, y, R, m0, P0):
     A = A.at[0].set(zero)
     eta = eta.at[0].set(zero)
     J = J.at[0].set(zero)
-    _, means, covs, _, _ = lax.associative_scan(combine, (A, b, C, eta, J))
+    _, means, covs, _, _ = associative_scan(combine, (A, b, C, eta, J))
     return means, covs
 
 
-def _smooth(dense, F, u, Q, m, P, covariances: bool):
+def _next(x: Array) -> Array:
+    """`x_{t+1}` at every step `t` (`x_1` at the last step, where it is masked out). A roll
+    rather than slices and concatenations, which XLA gathers whole when time is split
+    over devices."""
+    return jnp.roll(x, -1, axis=0)
+
+
+def _smooth(dense, F, u, Q_next, m, P, covariances: bool):
     """Smoothed means (and covariances) from the filtered ones."""
+    T = m.shape[0]
+    last = jnp.arange(T) == T - 1
+    F_next = _next(F)
     if dense:
-        F_next, Q_next = F[1:], Q[1:]
-        P_now = P[:-1]
-        pred = _sym(F_next @ P_now @ _mT(F_next) + Q_next)
-        E = P_now @ _mT(F_next) @ _inverse(pred)
-        g = m[:-1] - _mv(E, _mv(F_next, m[:-1]) + u[1:])
-        E = jnp.concatenate([E, jnp.zeros((1,) + E.shape[1:], E.dtype)])
+        last = last[:, None, None]
+        pred = _sym(F_next @ P @ _mT(F_next) + Q_next)
+        # The last step has no successor: its gain is zero (and its `pred` is not used).
+        pred = jnp.where(last, _eye_like(pred), pred)
+        E = jnp.where(last, 0, P @ _mT(F_next) @ _inverse(pred))
+        g = m - _mv(E, _mv(F_next, m) + _next(u))
         transition = Dense(E)
     else:
-        pred = F[1:] * P[:-1] * F[1:] + Q[1:]
-        E = P[:-1] * F[1:] / pred
-        g = m[:-1] - E * (F[1:] * m[:-1] + u[1:])
-        E = jnp.concatenate([E, jnp.zeros((1,) + E.shape[1:], E.dtype)])
+        last = last[:, None]
+        pred = jnp.where(last, 1, F_next * P * F_next + Q_next)
+        E = jnp.where(last, 0, P * F_next / pred)
+        g = m - E * (F_next * m + _next(u))
         transition = Diagonal(E)
-    g = jnp.concatenate([g, m[-1:]])
+    # With `E_T = 0`: `g_T = m_T` and `L_T = P_T`.
     means = solve(transition, g, reverse=True)
     if not covariances:
         return means, None
     if dense:
-        L = _sym(P[:-1] - E[:-1] @ F[1:] @ P[:-1])
+        L = _sym(P - E @ F_next @ P)
 
         def combine(later, earlier):
             E1, L1 = later
@@ -204,15 +218,14 @@ def _smooth(dense, F, u, Q, m, P, covariances: bool):
             return E2 @ E1, _sym(E2 @ L1 @ _mT(E2) + L2)
 
     else:
-        L = P[:-1] - E[:-1] * F[1:] * P[:-1]
+        L = P - E * F_next * P
 
         def combine(later, earlier):
             E1, L1 = later
             E2, L2 = earlier
             return E2 * E1, E2 * L1 * E2 + L2
 
-    L = jnp.concatenate([L, P[-1:]])
-    _, covs = lax.associative_scan(combine, (E, L), reverse=True)
+    _, covs = associative_scan(combine, (E, L), reverse=True)
     return means, covs
 
 
@@ -266,7 +279,7 @@ def kalman_filter(
         }
         ```
     """
-    dense, Q, R, m0, P0 = _check(transition, b, Q, y, R, m0, P0)
+    dense, Q, Q_next, R, m0, P0 = _check(transition, b, Q, y, R, m0, P0)
     return _filter(dense, transition.elements(), b, Q, y, R, m0, P0)
 
 
@@ -294,10 +307,10 @@ def kalman_smoother(
 
     `(means, covariances)`, shaped as for [`parassm.linear.kalman_filter`][].
     """
-    dense, Q, R, m0, P0 = _check(transition, b, Q, y, R, m0, P0)
+    dense, Q, Q_next, R, m0, P0 = _check(transition, b, Q, y, R, m0, P0)
     F = transition.elements()
     m, P = _filter(dense, F, b, Q, y, R, m0, P0)
-    return _smooth(dense, F, b, Q, m, P, covariances=True)
+    return _smooth(dense, F, b, Q_next, m, P, covariances=True)
 
 
 def smoothed_means(
@@ -309,7 +322,7 @@ def smoothed_means(
 ) -> Float[Array, "T D"]:
     """The smoother's means only, with a known initial state `x_0 = 0` (what ELK needs):
     skips the smoothed-covariance scan."""
-    dense, Q, R, m0, P0 = _check(transition, b, Q, y, R, None, None)
+    dense, Q, Q_next, R, m0, P0 = _check(transition, b, Q, y, R, None, None)
     F = transition.elements()
     m, P = _filter(dense, F, b, Q, y, R, m0, P0)
-    return _smooth(dense, F, b, Q, m, P, covariances=False)[0]
+    return _smooth(dense, F, b, Q_next, m, P, covariances=False)[0]

@@ -10,13 +10,13 @@ again under another.
 import abc
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PyTree
 
 from ._transitions import (
     AbstractTransition,
@@ -39,6 +39,12 @@ class AbstractScanImpl(eqx.Module):
         reverse: bool,
     ) -> Float[Array, "T D"]:
         """Solve `s_t = A_t s_{t-1} + b_t` (`s_{t+1}` when `reverse`) from a zero state."""
+
+    def associative_scan(self, fn: Callable, elems: PyTree[Array], *, reverse: bool = False):
+        """Any other associative scan over time (e.g. the Kalman filter's), laid out as
+        this implementation lays out time. Same contract as `jax.lax.associative_scan`;
+        by default, that function."""
+        return lax.associative_scan(fn, elems, reverse=reverse)
 
 
 def _combine(transition: AbstractTransition):
@@ -243,6 +249,12 @@ def default_scan_impl() -> AbstractScanImpl:
     says otherwise."""
     impl = _get()
     return AssociativeScan() if impl is None else impl
+
+
+def associative_scan(fn: Callable, elems: PyTree[Array], *, reverse: bool = False):
+    """`jax.lax.associative_scan`, run by the current scan implementation (so that it is
+    sharded over time under `parassm.Sharded`)."""
+    return default_scan_impl().associative_scan(fn, elems, reverse=reverse)
 
 
 @contextlib.contextmanager

@@ -80,7 +80,10 @@ def finite_transition(transition: linear.AbstractTransition) -> linear.AbstractT
 def shift(x: Float[Array, "T D"], first: Float[Array, " D"] | None = None) -> Array:
     """`(first, x_1, ..., x_{T-1})`: the previous step of every step (zero first by default)."""
     first = jnp.zeros_like(x[0]) if first is None else first
-    return jnp.concatenate([first[None], x[:-1]])
+    # `roll` rather than `concatenate`: with time split over devices XLA's partitioner
+    # turns a roll into a one-step halo exchange, but gathers a concatenation whole.
+    is_first = (jnp.arange(x.shape[0]) == 0)[:, None]
+    return jnp.where(is_first, first, jnp.roll(x, 1, axis=0))
 
 
 class Iterate:
@@ -145,8 +148,11 @@ class Iterate:
         # Exactly `f(s_{p-1})` at the first unconverged step: the correction form would
         # cancel catastrophically if the old guess there were huge.
         S_new = jnp.where(times == self.p, self.fs, S_new)
-        bad_from = jnp.cumsum(~jnp.all(jnp.isfinite(S_new), axis=1)) > 0
-        return jnp.where(bad_from[:, None], self.S, S_new)
+        bad = ~jnp.all(jnp.isfinite(S_new), axis=1)
+        # The first non-finite step by a reduction, not a cumulative sum (which
+        # XLA gathers whole when time is split over devices).
+        first_bad = jnp.min(jnp.where(bad, self.times, S_new.shape[0]))
+        return jnp.where(times >= first_bad, self.S, S_new)
 
 
 class AbstractParallelSolver(AbstractSolver):
@@ -247,12 +253,14 @@ class AbstractParallelSolver(AbstractSolver):
             scaled = jnp.abs(r) / (atol + rtol * jnp.abs(fs))
             err_t = jnp.max(jnp.where(jnp.isnan(scaled), jnp.inf, scaled), axis=1)
             converged_t = err_t <= 1
-            all_w = jnp.all(converged_t)
             # First unconverged step (W if none), in the window and overall.
-            p_w = jnp.where(all_w, W, jnp.argmin(converged_t))
+            p_w = jnp.min(jnp.where(converged_t, W, wtimes))
             p = w0 + p_w
             converged = p >= T
-            nonfinite = ~converged & ~jnp.all(jnp.isfinite(fs[jnp.minimum(p_w, W - 1)]))
+            # (A masked reduction rather than `fs[p_w]`, which XLA would gather whole when
+            # time is split over devices.)
+            at_p = (wtimes == p_w)[:, None]
+            nonfinite = ~converged & jnp.any(at_p & ~jnp.isfinite(fs))
             stop = converged | nonfinite | (iteration >= max_steps)
 
             def update():
