@@ -135,6 +135,38 @@ def test_trust_region_adapts_and_converges():
     assert int(sol.stats["num_trials"]) >= int(sol.stats["num_steps"])
 
 
+def test_trust_region_rule():
+    tr = parassm.TrustRegion()
+    lam = jnp.array(1e-3)
+    no, yes = jnp.array(False), jnp.array(True)
+    # Merit decreased: accept and shrink.
+    assert bool(tr.accept(jnp.array(0.5), no))
+    assert float(tr.update(lam, jnp.array(0.5), no)) == pytest.approx(1e-4)
+    # Merit increased, front not extended: reject and grow.
+    assert not bool(tr.accept(jnp.array(-3.0), no))
+    assert float(tr.update(lam, jnp.array(-3.0), no)) == pytest.approx(2e-3)
+    # Merit increased but the converged front moved beyond `p + 1`: accept, keep lambda.
+    assert bool(tr.accept(jnp.array(-3.0), yes))
+    assert float(tr.update(lam, jnp.array(-3.0), yes)) == pytest.approx(1e-3)
+    # A non-finite merit (ratio -inf) is still rejected unless the front moved.
+    assert not bool(tr.accept(jnp.array(-jnp.inf), no))
+
+
+@pytest.mark.slow
+def test_trust_region_accepts_front_extending_steps():
+    # Two-well sampler from a zero guess, T = 1000, float32: DEER needs 8 iterations.
+    # With the merit-only accept rule quasi-ELK needed 21 (good steps near the front
+    # were rejected because the merit over the whole trajectory rose); accepting steps
+    # that extend the converged front brings it to 12.
+    system, _ = _zoo(jnp.float32)["two_well"]
+    T = 1000
+    xs = system.inputs(T)
+    sol = parassm.evaluate(system.f, system.s0, T, xs=xs, solver=parassm.QuasiELK())
+    assert sol.result == parassm.RESULTS.successful
+    assert int(sol.stats["num_steps"]) <= 15
+    assert tree_max_abs_diff(sol.value, sequential(system.f, system.s0, xs, T)) < 5e-2
+
+
 @pytest.mark.slow
 def test_vmap_and_throw():
     cell, s0, xs = _cell(T=30)
@@ -206,10 +238,26 @@ def _check_zoo(name, system, predictable, solver, dtype, T):
     return sol
 
 
-def test_zoo_quick():
-    # Chaotic logistic map in float32: damped, finite iterates, and success within T.
-    system, predictable = _zoo(jnp.float32)["logistic_r3.9"]
-    sol = _check_zoo("logistic", system, predictable, parassm.QuasiELK(), jnp.float32, 48)
+# A bounded subset of the zoo for the default suite (small T; one solver family per
+# system, both dtypes); the whole zoo is `test_zoo` (slow).
+ZOO_QUICK = [
+    ("logistic_r3.9", parassm.QuasiELK(), jnp.float32),
+    ("mean_field_g2.0", parassm.DEER(globalization=parassm.Backtracking()), jnp.float64),
+    ("two_well", parassm.QuasiELK(), jnp.float64),
+    ("lorenz63_euler", parassm.SlidingWindow(parassm.DEER(), window=16), jnp.float64),
+    ("tanh_rnn_a3", parassm.Jacobi(), jnp.float64),
+]
+
+
+@pytest.mark.parametrize(
+    "name, solver, dtype",
+    ZOO_QUICK,
+    ids=[f"{n}-{type(s).__name__}-{jnp.dtype(d).name}" for n, s, d in ZOO_QUICK],
+)
+def test_zoo_quick(name, solver, dtype):
+    system, predictable = _zoo(dtype)[name]
+    sol = _check_zoo(name, system, predictable, solver, dtype, 48)
+    # The default `max_steps` is T, which always suffices.
     assert sol.result == parassm.RESULTS.successful
 
 

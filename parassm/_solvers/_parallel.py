@@ -45,7 +45,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from equinox import AbstractVar
-from jaxtyping import Array, Bool, Float, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .. import _linear as linear
 from .._problem import Flat, flatten, unravel_trajectory
@@ -86,6 +86,11 @@ def shift(x: Float[Array, "T D"], first: Float[Array, " D"] | None = None) -> Ar
     return jnp.where(is_first, first, jnp.roll(x, 1, axis=0))
 
 
+def _merit(r: Float[Array, "T D"]) -> Float[Array, ""]:
+    value = 0.5 * jnp.sum(r * r)
+    return jnp.where(jnp.isfinite(value), value, jnp.asarray(jnp.inf, value.dtype))
+
+
 class Iterate:
     """What a solver's `step` sees at one iteration of the shared loop.
 
@@ -100,9 +105,10 @@ class Iterate:
     - `lin`: the solver's linearisation (from `linearise`), or `None`.
     - `p`: the first unconverged step (an index into `S`).
     - `iteration`: the iteration counter.
+    - `rtol`, `atol`: the solver's tolerances (for `measure`).
     """
 
-    def __init__(self, flat, xs, S, s_prev, fs, r, lin, p, iteration, step_fn):
+    def __init__(self, flat, xs, S, s_prev, fs, r, lin, p, iteration, step_fn, rtol, atol):
         self.flat = flat
         self.xs = xs
         self.S = S
@@ -112,6 +118,8 @@ class Iterate:
         self.lin = lin
         self.p = p
         self.iteration = iteration
+        self.rtol = rtol
+        self.atol = atol
         self._step_fn = step_fn
 
     @property
@@ -130,8 +138,18 @@ class Iterate:
             r = self.r
         else:
             r = S - self._step_fn(shift(S, self.s_prev[0]))
-        value = 0.5 * jnp.sum(r * r)
-        return jnp.where(jnp.isfinite(value), value, jnp.asarray(jnp.inf, value.dtype))
+        return _merit(r)
+
+    def measure(self, S: Float[Array, "T D"]) -> tuple[Float[Array, ""], Int[Array, ""]]:
+        """The merit at a trial iterate `S` (as `merit`) and its converged front: the first
+        step whose scaled residual `|r_t| / (atol + rtol |f|)` exceeds one, by the loop's
+        test (`T` if none does). One vectorised evaluation of `f`."""
+        fs = self._step_fn(shift(S, self.s_prev[0]))
+        r = S - fs
+        scaled = jnp.abs(r) / (self.atol + self.rtol * jnp.abs(fs))
+        converged_t = jnp.all(scaled <= 1, axis=1)
+        front = jnp.min(jnp.where(converged_t, S.shape[0], self.times))
+        return _merit(r), front
 
     def newton_correction(self, transition: linear.AbstractTransition) -> Float[Array, "T D"]:
         """The correction `delta_t = A_t delta_{t-1} - r_t` on the unfrozen steps."""
@@ -264,7 +282,9 @@ class AbstractParallelSolver(AbstractSolver):
             stop = converged | nonfinite | (iteration >= max_steps)
 
             def update():
-                it = Iterate(flat, xs_w, Sw, s_prev, fs, r, lin, p_w, iteration, step_fn)
+                it = Iterate(
+                    flat, xs_w, Sw, s_prev, fs, r, lin, p_w, iteration, step_fn, rtol, atol
+                )
                 Sw_new, new_state = self.step(it, state)
                 if W == T:
                     return Sw_new, new_state
