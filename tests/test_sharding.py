@@ -137,15 +137,7 @@ def _collectives(solver, T, n=4, D=3):
     [
         (parassm.QuasiDEER(), 1),
         (parassm.DEER(), 1),
-        pytest.param(
-            parassm.ELK(),
-            2,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="ELK's step broadcasts Q to (T, D, D); the smoother's shift of it is "
-                "gathered whole",
-            ),
-        ),
+        (parassm.ELK(), 2),
     ],
     ids=["QuasiDEER", "DEER", "ELK"],
 )

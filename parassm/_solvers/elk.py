@@ -63,10 +63,12 @@ def lm_correction(
     b = jnp.where(free[:, None], A.mv(shift(fixed)) - r, zero)
     noise = jnp.where(free, 1 / jnp.asarray(damping, r.dtype), zero)
     if isinstance(A, linear.Dense):
-        eye = jnp.broadcast_to(jnp.eye(D, dtype=r.dtype), (T, D, D))
-        Q, R = eye, noise[:, None, None] * eye
+        # One `Q` for all steps, not broadcast over time: the smoother then needs no
+        # shift of it (which, with time split over devices, XLA would gather whole).
+        eye = jnp.eye(D, dtype=r.dtype)
+        Q, R = eye, noise[:, None, None] * eye[None]
     else:
-        Q, R = jnp.ones_like(r), jnp.broadcast_to(noise[:, None], (T, D))
+        Q, R = jnp.ones(D, r.dtype), jnp.broadcast_to(noise[:, None], (T, D))
     delta = smoothed_means(A, b, Q, jnp.zeros_like(r), R)
     return jnp.where(free[:, None], delta, fixed)
 
