@@ -38,7 +38,7 @@ def arguments(name: str, profile: str, out_dir: pathlib.Path, backend: str) -> l
     if name == "core":
         return ["--profile", profile, "--out", str(out_dir / f"core_{backend}.json")]
     if name == "hard":
-        return (["--T", "1000"] if quick else []) + [
+        return (["--T", "1000", "--dtype", "float32"] if quick else []) + [
             "--out",
             str(out_dir / f"hard_{backend}.json"),
         ]
