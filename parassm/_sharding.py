@@ -102,24 +102,36 @@ class ShardedScan(AbstractScanImpl):
         )(elems)
         return jtu.tree_map(lambda x: x[pad:] if reverse else x[:T], out)
 
+    # Jitted, so that an eager call is one compiled program rather than many small
+    # sharded dispatches (inside a jitted solver it is inlined).
     def scan(self, transition, b, *, reverse):
-        apply = transition.apply
-
-        def fix_up(incoming, scanned):
-            # From a zero start the state entering the shard is the incoming offset; only
-            # offsets are needed (no products of maps).
-            a_cum, b_cum = scanned
-            return a_cum, b_cum + apply(a_cum, jnp.broadcast_to(incoming[1], b_cum.shape))
-
-        pair = (transition.elements(), b)
-        return self._across_shards(_combine(transition), pair, reverse, fix_up)[1]
+        return _sharded_linear_scan(self, transition, b, reverse)
 
     def associative_scan(self, fn, elems, *, reverse=False):
-        def fix_up(incoming, scanned):
-            incoming = jtu.tree_map(lambda x, s: jnp.broadcast_to(x, s.shape), incoming, scanned)
-            return fn(incoming, scanned)
+        return _sharded_associative_scan(self, fn, elems, reverse)
 
-        return self._across_shards(fn, elems, reverse, fix_up)
+
+@eqx.filter_jit
+def _sharded_linear_scan(impl: ShardedScan, transition, b, reverse: bool):
+    apply = transition.apply
+
+    def fix_up(incoming, scanned):
+        # From a zero start the state entering the shard is the incoming offset; only
+        # offsets are needed (no products of maps).
+        a_cum, b_cum = scanned
+        return a_cum, b_cum + apply(a_cum, jnp.broadcast_to(incoming[1], b_cum.shape))
+
+    pair = (transition.elements(), b)
+    return impl._across_shards(_combine(transition), pair, reverse, fix_up)[1]
+
+
+@eqx.filter_jit
+def _sharded_associative_scan(impl: ShardedScan, fn, elems, reverse: bool):
+    def fix_up(incoming, scanned):
+        incoming = jtu.tree_map(lambda x, s: jnp.broadcast_to(x, s.shape), incoming, scanned)
+        return fn(incoming, scanned)
+
+    return impl._across_shards(fn, elems, reverse, fix_up)
 
 
 class Sharded(AbstractSolver):
