@@ -1,3 +1,12 @@
+import os
+
+
+# Most of this suite's time is XLA compiling small programs, and LLVM's optimisation
+# passes (level 3 by default) take two thirds of it. The tests check results, not
+# speed, so compile without them unless the caller set XLA_FLAGS. Read when the
+# backend starts, so before any test touches jax.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+
 import jax
 import jax.random as jr
 import pytest

@@ -106,7 +106,11 @@ def test_forward_mode_matches_finite_differences(linear_solver):
     expected = finite_difference_jvp(traj, (s0, xs), (t_s0, t_xs))
     assert tree_allclose(tangent, expected, rtol=1e-6, atol=1e-7)
 
-    # And jacfwd with respect to a closed-over parameter.
+
+def test_jacfwd_through_closed_over_parameter():
+    cell, s0 = _cells(jr.key(4))["custom"]
+    xs = jr.normal(jr.key(5), (25, 3), jnp.float64)
+
     def of_leak(leak):
         return _trajectory(eqx.tree_at(lambda c: c.leak, cell, leak), s0, xs, parassm.DEER())["m"]
 
