@@ -39,14 +39,13 @@ machine-independent.
 import argparse
 import json
 import pathlib
-import statistics
 import time
 
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import parassm
-from parassm._timing import environment
+from parassm._timing import environment, measure
 from parassm.systems import Logistic, Lorenz63, MeanFieldRNN, TanhRNN, TwoWellLangevin
 
 
@@ -85,25 +84,6 @@ def _sequential(f, s0, xs, T):
         return s, s
 
     return lax.scan(step, s0, xs, length=T)[1]
-
-
-def _measure(fn, *args, repeats):
-    """`(output, compile_s, run_s)`: compile `jax.jit(fn)` separately, warm up, then the
-    median of `repeats` runs; a warm-up longer than a second is the measurement."""
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args))
-    first = time.perf_counter() - start
-    if first > 1.0:
-        return out, compile_s, first
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return out, compile_s, statistics.median(times)
 
 
 def _print_row(row):
@@ -168,8 +148,12 @@ def main(argv=None):
                     continue
                 xs = system.inputs(T)
                 f = system.f
-                ref, scan_compile, scan_run = _measure(
-                    lambda s0, xs: _sequential(f, s0, xs, T), system.s0, xs, repeats=args.repeats
+                ref, scan_compile, scan_run = measure(
+                    lambda s0, xs: _sequential(f, s0, xs, T),
+                    system.s0,
+                    xs,
+                    repeats=args.repeats,
+                    long_warmup_s=1.0,
                 )
                 D = int(jnp.size(system.s0))
                 base = dict(problem=name, T=T, D=D, dtype=dtype_name, **env)
@@ -214,8 +198,8 @@ def main(argv=None):
                         return sol.value, sol.result._value, sol.stats
 
                     start = time.perf_counter()
-                    (value, code, stats), compile_s, run_s = _measure(
-                        run, system.s0, xs, repeats=args.repeats
+                    (value, code, stats), compile_s, run_s = measure(
+                        run, system.s0, xs, repeats=args.repeats, long_warmup_s=1.0
                     )
                     result = _NAMES[int(code)]
                     finite = bool(jnp.all(jnp.isfinite(value)))

@@ -125,10 +125,10 @@ def _check(transition, b, Q, y, R, m0, P0):
             )
         return x
 
-    # `Q_{t+1}` at step `t`, for the smoother (no shift needed for a constant `Q`).
-    Q_next = jnp.broadcast_to(Q, (T,) + cov) if jnp.shape(Q) == cov else None
+    constant_Q = jnp.shape(Q) == cov
     Q = per_step("Q", Q)
-    Q_next = _next(Q) if Q_next is None else Q_next
+    # `Q_{t+1}` at step `t`, for the smoother (no shift needed for a constant `Q`).
+    Q_next = Q if constant_Q else _next(Q)
     R = per_step("R", R)
     m0 = jnp.zeros((D,), b.dtype) if m0 is None else jnp.asarray(m0)
     if m0.shape != (D,):
@@ -186,6 +186,18 @@ def _next(x: Array) -> Array:
     return jnp.roll(x, -1, axis=0)
 
 
+def _dense_covariance_combine(later, earlier):
+    E1, L1 = later
+    E2, L2 = earlier
+    return E2 @ E1, _sym(E2 @ L1 @ _mT(E2) + L2)
+
+
+def _diagonal_covariance_combine(later, earlier):
+    E1, L1 = later
+    E2, L2 = earlier
+    return E2 * E1, E2 * L1 * E2 + L2
+
+
 def _smooth(dense, F, u, Q_next, m, P, covariances: bool):
     """Smoothed means (and covariances) from the filtered ones."""
     T = m.shape[0]
@@ -211,20 +223,10 @@ def _smooth(dense, F, u, Q_next, m, P, covariances: bool):
         return means, None
     if dense:
         L = _sym(P - E @ F_next @ P)
-
-        def combine(later, earlier):
-            E1, L1 = later
-            E2, L2 = earlier
-            return E2 @ E1, _sym(E2 @ L1 @ _mT(E2) + L2)
-
+        combine = _dense_covariance_combine
     else:
         L = P - E * F_next * P
-
-        def combine(later, earlier):
-            E1, L1 = later
-            E2, L2 = earlier
-            return E2 * E1, E2 * L1 * E2 + L2
-
+        combine = _diagonal_covariance_combine
     _, covs = associative_scan(combine, (E, L), reverse=True)
     return means, covs
 

@@ -86,6 +86,19 @@ def shift(x: Float[Array, "T D"], first: Float[Array, " D"] | None = None) -> Ar
     return jnp.where(is_first, first, jnp.roll(x, 1, axis=0))
 
 
+def scaled_error(r: Float[Array, "T D"], fs: Float[Array, "T D"], rtol, atol) -> Array:
+    """The loop's convergence measure per step: `max_i |r_ti| / (atol + rtol |f_ti|)`,
+    `inf` where it is NaN. Step `t` is converged when it is at most one."""
+    scaled = jnp.abs(r) / (atol + rtol * jnp.abs(fs))
+    return jnp.max(jnp.where(jnp.isnan(scaled), jnp.inf, scaled), axis=1)
+
+
+def first_unconverged(err_t: Float[Array, " T"]) -> Array:
+    """The first step with `err_t > 1` (`T` if none). A masked `min`, not `argmin`: with
+    time split over devices it is one scalar all-reduce."""
+    return jnp.min(jnp.where(err_t <= 1, err_t.shape[0], jnp.arange(err_t.shape[0])))
+
+
 def _merit(r: Float[Array, "T D"]) -> Float[Array, ""]:
     value = 0.5 * jnp.sum(r * r)
     return jnp.where(jnp.isfinite(value), value, jnp.asarray(jnp.inf, value.dtype))
@@ -146,10 +159,7 @@ class Iterate:
         test (`T` if none does). One vectorised evaluation of `f`."""
         fs = self._step_fn(shift(S, self.s_prev[0]))
         r = S - fs
-        scaled = jnp.abs(r) / (self.atol + self.rtol * jnp.abs(fs))
-        converged_t = jnp.all(scaled <= 1, axis=1)
-        front = jnp.min(jnp.where(converged_t, S.shape[0], self.times))
-        return _merit(r), front
+        return _merit(r), first_unconverged(scaled_error(r, fs, self.rtol, self.atol))
 
     def newton_correction(self, transition: linear.AbstractTransition) -> Float[Array, "T D"]:
         """The correction `delta_t = A_t delta_{t-1} - r_t` on the unfrozen steps."""
@@ -268,11 +278,9 @@ class AbstractParallelSolver(AbstractSolver):
             s_prev = shift(Sw, s_before)
             fs, lin = self.linearise(step_fn, s_prev)
             r = Sw - fs
-            scaled = jnp.abs(r) / (atol + rtol * jnp.abs(fs))
-            err_t = jnp.max(jnp.where(jnp.isnan(scaled), jnp.inf, scaled), axis=1)
-            converged_t = err_t <= 1
+            err_t = scaled_error(r, fs, rtol, atol)
             # First unconverged step (W if none), in the window and overall.
-            p_w = jnp.min(jnp.where(converged_t, W, wtimes))
+            p_w = first_unconverged(err_t)
             p = w0 + p_w
             converged = p >= T
             # (A masked reduction rather than `fs[p_w]`, which XLA would gather whole when
