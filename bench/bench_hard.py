@@ -69,7 +69,7 @@ def solvers(window):
     return [
         ("DEER", parassm.DEER()),
         ("QuasiDEER", parassm.QuasiDEER()),
-        ("DEER+Backtracking", parassm.DEER(globalization=parassm.Backtracking())),
+        ("DEER+Backtracking", parassm.DEER(search=parassm.Backtracking())),
         ("ELK", parassm.ELK()),
         ("QuasiELK", parassm.QuasiELK()),
         ("Picard", parassm.Picard()),

@@ -15,21 +15,17 @@ from ._sharding import Sharded as Sharded, ShardedScan as ShardedScan
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solvers._base import AbstractSolver as AbstractSolver
 from ._solvers._parallel import AbstractParallelSolver as AbstractParallelSolver
+from ._solvers._search import (
+    AbstractSearch as AbstractSearch,
+    Backtracking as Backtracking,
+    FixedDamping as FixedDamping,
+    TrustRegion as TrustRegion,
+    Undamped as Undamped,
+)
 from ._solvers.auto import Auto as Auto
 from ._solvers.block import BlockQuasiDEER as BlockQuasiDEER
 from ._solvers.deer import DEER as DEER
-from ._solvers.elk import (
-    AbstractDamping as AbstractDamping,
-    ELK as ELK,
-    FixedDamping as FixedDamping,
-    QuasiELK as QuasiELK,
-    TrustRegion as TrustRegion,
-)
-from ._solvers.globalization import (
-    AbstractGlobalization as AbstractGlobalization,
-    Backtracking as Backtracking,
-    Undamped as Undamped,
-)
+from ._solvers.elk import ELK as ELK, QuasiELK as QuasiELK
 from ._solvers.jacobi import Jacobi as Jacobi
 from ._solvers.picard import Picard as Picard
 from ._solvers.quasi_deer import (

@@ -27,7 +27,7 @@ from . import _linear as linear
 from ._problem import Flat, flatten, ravelling, unravel_trajectory
 from ._solvers import _jacobian as jacobian
 from ._solvers._base import AbstractSolver, default_tolerance
-from ._solvers._parallel import AbstractParallelSolver
+from ._solvers._parallel import AbstractParallelSolver, Problem, solve_flat
 from ._solvers.quasi_deer import AbstractDiagonal, ExactDiagonal
 
 
@@ -91,8 +91,7 @@ class DenseScan(AbstractLinearSolver):
     """
 
     def prepare(self, lin):
-        T, D = lin.shape
-        return jacobian.dense(lin.jvp, T, D, lin.s_prev.dtype)
+        return jacobian.dense(lin.flat.fn, lin.s_prev, lin.xs)
 
     def solve(self, lin, state, c):
         return linear.solve(linear.Dense(state), c)
@@ -176,7 +175,8 @@ class QuasiScan(AbstractLinearSolver):
     max_steps: int | None = eqx.field(default=None, static=True)
 
     def prepare(self, lin):
-        return self.diagonal(lin.flat, lin.xs, lin.s_prev, lin.jvp, jnp.array(0))
+        problem = Problem(lin.flat.fn, lin.flat.unravel, lin.xs, lin.flat.s0, lin.shape[0])
+        return self.diagonal(problem, lin.s_prev, jnp.array(0))[1]
 
     def _iterate(self, apply_m, precondition, b):
         T = b.shape[0]
@@ -390,11 +390,11 @@ class UnrolledAdjoint(AbstractAdjoint):
         steps = length if max_steps is None else max_steps
         loop = ft.partial(
             eqx.internal.while_loop,
-            max_steps=steps + 1,
+            max_steps=steps * solver.search.max_trials + 1,
             kind="checkpointed",
             checkpoints=self.checkpoints,
         )
         flat = flatten(f, s0)
         with solver.linear_context():
-            states, result, stats = solver.solve_flat(flat, xs, length, init, max_steps, loop=loop)
+            states, result, stats = solve_flat(solver, flat, xs, length, init, max_steps, loop=loop)
         return unravel_trajectory(flat, states), result, stats

@@ -69,3 +69,19 @@ def random_transitions(key, T, D, dtype):
         linear.Scalar(jnp.ones((T,), dtype)),
         linear.Zero(T),
     ]
+
+
+def scaled_residual(S, fs, rtol, atol):
+    """The documented convergence test, written independently of the library (numpy):
+    step `t` is converged when `|r_t|_inf <= atol + rtol * nu_t`, `nu_t` the largest
+    `|f_t'|_inf`, `t' <= t`, over steps with `|r_t'|_inf <= atol + rtol |f_t'|_inf`.
+    Returns `|r_t|_inf / (atol + rtol * nu_t)` per step (the test passes where <= 1)."""
+    S = np.asarray(S, np.float64).reshape(len(S), -1)
+    fs = np.asarray(fs, np.float64).reshape(len(fs), -1)
+    r = np.max(np.abs(S - fs), axis=1)
+    f = np.max(np.abs(fs), axis=1)
+    accurate = r <= atol + rtol * f
+    nu = np.maximum.accumulate(np.where(accurate, f, 0.0))
+    tol = atol + rtol * np.maximum(f, nu)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(r == 0, 0.0, r / tol)

@@ -8,7 +8,8 @@ import jax.random as jr
 import numpy as np
 import parassm
 import pytest
-from parassm._solvers.elk import lm_correction
+from parassm._solvers._descent import lm_correction
+from parassm._solvers._parallel import Trial
 
 from .helpers import sequential, tree_max_abs_diff
 
@@ -135,21 +136,47 @@ def test_trust_region_adapts_and_converges():
     assert int(sol.stats["num_trials"]) >= int(sol.stats["num_steps"])
 
 
+def _trial(merit, trial_merit, predicted, front, trial_front):
+    return Trial(
+        merit=jnp.array(merit),
+        trial_merit=jnp.array(trial_merit),
+        front=jnp.array(front),
+        trial_front=jnp.array(trial_front),
+        predicted_merit=lambda: jnp.array(predicted),
+    )
+
+
 def test_trust_region_rule():
     tr = parassm.TrustRegion()
-    lam = jnp.array(1e-3)
-    no, yes = jnp.array(False), jnp.array(True)
-    # Merit decreased: accept and shrink.
-    assert bool(tr.accept(jnp.array(0.5), no))
-    assert float(tr.update(lam, jnp.array(0.5), no)) == pytest.approx(1e-4)
+    step = jnp.array(1 / 1e-3)  # the step size is 1 / lambda
+
+    def update(*trial):
+        accept, step_size, _ = tr.update(None, step, _trial(*trial))
+        return bool(accept), float(1 / step_size)
+
+    # Merit decreased (ratio 0.5): accept and shrink lambda.
+    assert update(1.0, 0.5, 0.0, 3, 4) == (True, pytest.approx(1e-4))
     # Merit increased, front not extended: reject and grow.
-    assert not bool(tr.accept(jnp.array(-3.0), no))
-    assert float(tr.update(lam, jnp.array(-3.0), no)) == pytest.approx(2e-3)
+    assert update(1.0, 4.0, 0.0, 3, 4) == (False, pytest.approx(2e-3))
     # Merit increased but the converged front moved beyond `p + 1`: accept, keep lambda.
-    assert bool(tr.accept(jnp.array(-3.0), yes))
-    assert float(tr.update(lam, jnp.array(-3.0), yes)) == pytest.approx(1e-3)
-    # A non-finite merit (ratio -inf) is still rejected unless the front moved.
-    assert not bool(tr.accept(jnp.array(-jnp.inf), no))
+    assert update(1.0, 4.0, 0.0, 3, 6) == (True, pytest.approx(1e-3))
+    # A non-finite merit is still rejected unless the front moved.
+    assert update(1.0, jnp.inf, 0.0, 3, 4)[0] is False
+
+
+def test_backtracking_rule():
+    bt = parassm.Backtracking(shrink=0.5, decrease=1e-4)
+
+    def update(step, *trial):
+        accept, step_size, _ = bt.update(None, jnp.array(step), _trial(*trial))
+        return bool(accept), float(step_size)
+
+    # Sufficient decrease: accept, and the next trial starts from the full step.
+    assert update(0.5, 1.0, 0.9, 0.0, 3, 4) == (True, 1.0)
+    # No decrease: reject and halve.
+    assert update(0.5, 1.0, 1.0, 0.0, 3, 4) == (False, 0.25)
+    # No decrease, but the converged front moved beyond `p + 1`: accept.
+    assert update(0.5, 1.0, 2.0, 0.0, 3, 5) == (True, 1.0)
 
 
 @pytest.mark.slow
@@ -210,7 +237,7 @@ def _zoo(dtype):
 ZOO_SOLVERS = [
     parassm.DEER(),
     parassm.QuasiDEER(),
-    parassm.DEER(globalization=parassm.Backtracking()),
+    parassm.DEER(search=parassm.Backtracking()),
     parassm.ELK(),
     parassm.QuasiELK(),
     parassm.Picard(),
@@ -242,7 +269,7 @@ def _check_zoo(name, system, predictable, solver, dtype, T):
 # system, both dtypes); the whole zoo is `test_zoo` (slow).
 ZOO_QUICK = [
     ("logistic_r3.9", parassm.QuasiELK(), jnp.float32),
-    ("mean_field_g2.0", parassm.DEER(globalization=parassm.Backtracking()), jnp.float64),
+    ("mean_field_g2.0", parassm.DEER(search=parassm.Backtracking()), jnp.float64),
     ("two_well", parassm.QuasiELK(), jnp.float64),
     ("lorenz63_euler", parassm.SlidingWindow(parassm.DEER(), window=16), jnp.float64),
     ("tanh_rnn_a3", parassm.Jacobi(), jnp.float64),

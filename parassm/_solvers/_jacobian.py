@@ -1,8 +1,15 @@
-"""Jacobian pieces from a linearised step function, shared by the solvers.
+"""Values and Jacobians of the step function at every time step, formed the cheap way.
 
-`lin` is the JVP of the time-batched step `S_prev -> (f(s_{t-1}, x_t))_t`: it maps a
-tangent of shape `(T, D)` to one of shape `(T, D)`, acting on each time step
-independently. A column `j` of every `J_t` at once costs one application of `lin`.
+Every routine takes the per-step flat function `fn(s, x)` and evaluates it at all
+`(s_{t-1}, x_t)` at once (`jax.vmap` over time). Columns of `J_t = df/ds(s_{t-1}, x_t)`
+come from forward-mode JVPs against unit vectors, vectorised over the columns inside the
+vectorisation over time. The primal value is computed once per step alongside (it does
+not depend on the tangent), so one pass gives both `f(s_{t-1}, x_t)` and `J_t`.
+
+This is several times faster than applying the linear map of `jax.linearize` on the
+time-batched function to `D` stacked basis trajectories: that form stores every
+intermediate of the linearisation over `(T, ...)` and then runs the linear map over
+`(D, T, ...)`, where the per-step form keeps each step's work local.
 """
 
 from collections.abc import Callable
@@ -10,61 +17,132 @@ from collections.abc import Callable
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, PyTree
 
 
-Linear = Callable[[Float[Array, "T D"]], Float[Array, "T D"]]
+def _in_axes(xs: PyTree | None):
+    return (0, None if xs is None else 0)
 
 
-def _unit(j, length: int, size: int, dtype) -> Array:
-    return jnp.broadcast_to(jax.nn.one_hot(j, size, dtype=dtype), (length, size))
+def over_time(fn: Callable, xs: PyTree | None) -> Callable[[Array], Array]:
+    """`S_prev -> (fn(s_{t-1}, x_t))_t`, vectorised over time."""
+    return lambda s_prev: jax.vmap(fn, in_axes=_in_axes(xs))(s_prev, xs)
 
 
-def _map(fn, size: int, batch_size: int | None) -> Array:
-    """`fn` over the columns `0..size-1`: all at once, or `batch_size` at a time."""
-    columns = jnp.arange(size)
-    if batch_size is None or batch_size >= size:
-        return jax.vmap(fn)(columns)
-    return lax.map(fn, columns, batch_size=batch_size)
+def _columns(fn: Callable, s: Array, x, basis: Float[Array, "k D"]) -> tuple[Array, Array]:
+    """`(fn(s, x), J basis^T)` for one step: the value and `J v` for each row `v`."""
+
+    def push(v):
+        return jax.jvp(lambda s: fn(s, x), (s,), (v,))
+
+    return jax.vmap(push, out_axes=(None, 1))(basis)
 
 
-def dense(lin: Linear, length: int, size: int, dtype) -> Float[Array, "T D D"]:
-    """All `J_t` as dense matrices: `D` JVPs, `O(T D^2)` memory."""
-    basis = jnp.broadcast_to(jnp.eye(size, dtype=dtype)[:, None, :], (size, length, size))
-    columns = jax.vmap(lin)(basis)  # [j, t, i] = J_t[i, j]
-    return jnp.transpose(columns, (1, 2, 0))
+def _column_blocks(size: int, batch_size: int | None) -> list[tuple[int, int]]:
+    step = size if batch_size is None else max(1, min(batch_size, size))
+    return [(j, min(j + step, size)) for j in range(0, size, step)]
+
+
+def value_and_dense(
+    fn: Callable, s_prev: Float[Array, "T D"], xs: PyTree | None
+) -> tuple[Float[Array, "T D"], Float[Array, "T D D"]]:
+    """`(f(s_{t-1}, x_t), J_t)` for every `t`: `D` JVPs per step, in one pass."""
+    eye = jnp.eye(s_prev.shape[1], dtype=s_prev.dtype)
+
+    def per_step(s, x):
+        def push(v):
+            return jax.jvp(lambda s: fn(s, x), (s,), (v,))
+
+        # The JVPs stacked as rows (`J^T`) is the layout the vectorised tangents come
+        # in; the transpose is then fused into the consumer.
+        value, rows = jax.vmap(push, out_axes=(None, 0))(eye)
+        return value, rows.T
+
+    return jax.vmap(per_step, in_axes=_in_axes(xs))(s_prev, xs)
+
+
+def dense(fn: Callable, s_prev: Float[Array, "T D"], xs: PyTree | None) -> Float[Array, "T D D"]:
+    """All `J_t` as dense matrices."""
+    return value_and_dense(fn, s_prev, xs)[1]
+
+
+def value_and_diagonal(
+    fn: Callable, s_prev: Float[Array, "T D"], xs: PyTree | None, batch_size: int | None
+) -> tuple[Float[Array, "T D"], Float[Array, "T D"]]:
+    """`(f(s_{t-1}, x_t), diag J_t)` for every `t`: `D` JVPs per step. With
+    `batch_size`, only that many columns are in flight at once (`O(T D batch_size)`
+    memory instead of `O(T D^2)`)."""
+    T, D = s_prev.shape
+    eye = jnp.eye(D, dtype=s_prev.dtype)
+
+    def one(s, x, lo, hi):
+        value, cols = _columns(fn, s, x, eye[lo:hi])
+        return value, jnp.diagonal(cols[lo:hi])
+
+    blocks = _column_blocks(D, batch_size)
+    if len(blocks) == 1:
+        return jax.vmap(lambda s, x: one(s, x, 0, D), in_axes=_in_axes(xs))(s_prev, xs)
+    # Equal blocks through `lax.map` (one compiled body), a shorter last one after.
+    size = blocks[0][1]
+    full = D // size
+
+    def block(i):
+        cols = lax.dynamic_slice_in_dim(eye, i * size, size)
+
+        def per_step(s, x):
+            value, c = _columns(fn, s, x, cols)
+            return value, jnp.diagonal(lax.dynamic_slice_in_dim(c, i * size, size))
+
+        return jax.vmap(per_step, in_axes=_in_axes(xs))(s_prev, xs)
+
+    values, diags = lax.map(block, jnp.arange(full))
+    diag = jnp.moveaxis(diags, 0, 1).reshape(T, full * size)
+    if full * size < D:
+        lo = full * size
+        _, rest = jax.vmap(lambda s, x: one(s, x, lo, D), in_axes=_in_axes(xs))(s_prev, xs)
+        diag = jnp.concatenate([diag, rest], axis=1)
+    return values[0], diag
 
 
 def diagonal(
-    lin: Linear, length: int, size: int, dtype, batch_size: int | None
+    fn: Callable, s_prev: Float[Array, "T D"], xs: PyTree | None, batch_size: int | None
 ) -> Float[Array, "T D"]:
-    """The exact diagonals of all `J_t`: `D` JVPs, but only `O(T D)` memory beyond
-    `batch_size` columns in flight at once."""
-
-    def entry(j):
-        return lin(_unit(j, length, size, dtype))[:, j]
-
-    out = _map(entry, size, batch_size)  # [j, t]
-    return out.T
+    """The diagonals of all `J_t` (see `value_and_diagonal`)."""
+    return value_and_diagonal(fn, s_prev, xs, batch_size)[1]
 
 
-def block_diagonal(
-    lin: Linear, length: int, size: int, block_size: int, dtype, batch_size: int | None
-) -> Float[Array, "T nb k k"]:
-    """The `k x k` diagonal blocks of all `J_t`: `D` JVPs; `O(T D k)` memory when the
-    columns are taken `batch_size` at a time, `O(T D^2)` transiently otherwise."""
+def value_and_block_diagonal(
+    fn: Callable,
+    s_prev: Float[Array, "T D"],
+    xs: PyTree | None,
+    block_size: int,
+    batch_size: int | None,
+) -> tuple[Float[Array, "T D"], Float[Array, "T nb k k"]]:
+    """`(f(s_{t-1}, x_t), blocks)`: the `k x k` diagonal blocks of every `J_t`, `D` JVPs
+    per step. With `batch_size`, that many columns (rounded down to whole blocks, at
+    least one block) are in flight at once."""
+    T, D = s_prev.shape
     k = block_size
-    nb = size // k
-    if batch_size is None or batch_size >= size:
-        # All columns at once: cut the blocks out of the dense Jacobians.
-        full = dense(lin, length, size, dtype).reshape(length, nb, k, nb, k)
-        return jnp.einsum("tbibj->tbij", full)
+    nb = D // k
+    eye = jnp.eye(D, dtype=s_prev.dtype)
+    per = nb if batch_size is None else max(1, min(nb, batch_size // k))
 
-    def column(j):
-        col = lin(_unit(j, length, size, dtype))  # [t, i]
-        start = (j // k) * k
-        return lax.dynamic_slice_in_dim(col, start, k, axis=1)  # [t, i_in_block]
+    def blocks_from(first: Array | int, count: int) -> tuple[Array, Array]:
+        # The columns of `count` consecutive blocks starting at block `first`.
+        cols = lax.dynamic_slice_in_dim(eye, first * k, count * k)
 
-    out = _map(column, size, batch_size)  # [j, t, i]
-    out = out.reshape(nb, k, length, k)  # [b, c, t, i]
-    return jnp.transpose(out, (2, 0, 3, 1))  # [t, b, i, c]
+        def per_step(s, x):
+            value, c = _columns(fn, s, x, cols)  # c[i, j], j over the chosen columns
+            rows = lax.dynamic_slice_in_dim(c, first * k, count * k)
+            return value, jnp.einsum("bibj->bij", rows.reshape(count, k, count, k))
+
+        return jax.vmap(per_step, in_axes=_in_axes(xs))(s_prev, xs)  # [t, b, i, j]
+
+    if per >= nb:
+        return blocks_from(0, nb)
+    full = nb // per
+    values, out = lax.map(lambda g: blocks_from(g * per, per), jnp.arange(full))
+    out = jnp.moveaxis(out, 0, 1).reshape(T, full * per, k, k)
+    if full * per < nb:
+        out = jnp.concatenate([out, blocks_from(full * per, nb - full * per)[1]], axis=1)
+    return values[0], out

@@ -1,46 +1,55 @@
 """The Newton loop every parallel solver shares.
 
-Each iteration at the current guess `S = (s_1..s_T)`:
+A parallel solver is three pieces (as in optimistix):
 
-1. evaluates `f(s_{t-1}, x_t)` for all `t` at once (and linearises it),
-2. measures the scaled residual `|s_t - f(s_{t-1}, x_t)| / (atol + rtol |f|)` and stops
-   if it is at most one everywhere (so the returned trajectory is always the one whose
-   residual was measured),
-3. otherwise asks the solver for the next iterate (`AbstractParallelSolver.step`). By
-   default that is the Newton-type correction `delta_t = A_t delta_{t-1} - r_t` with the
-   solver's `A_t`, solved by one associative scan; solvers may instead damp it, search
-   along it, or solve a different linear problem (ELK's Levenberg-Marquardt step), and
-   may carry their own state from one iteration to the next (e.g. a trust-region
-   radius).
+- a *linearisation*: the maps `A_t` (dense Jacobians, their diagonals, blocks, the
+  identity, zero), from [`parassm.AbstractParallelSolver.linearise`][];
+- a *descent* (`_descent.py`): the correction `delta` from `A_t` and the residual, for a
+  given step size: the Newton-type correction `delta_t = A_t delta_{t-1} - r_t` (one
+  associative scan, scaled by the step size), or a Levenberg-Marquardt correction by
+  the parallel Kalman smoother (damping `1 / step size`);
+- a *search* (`_search.py`): which step size to try next and whether to accept a trial
+  (undamped, backtracking, trust region).
 
-Safeguards, which keep the causality bound "at most T iterations" in floating point
-whatever the step is:
+One iteration of the loop at the accepted iterate `S = (s_1..s_T)`, whose values
+`f(s_{t-1}, x_t)` are known:
 
-- Steps before the first unconverged one, `p`, are frozen (`A_t = 0`, `delta_t = 0`).
-  Then `s_p` becomes `f(s_{p-1}, x_p)` (set exactly): every iteration converges at least one
-  more step, whatever `A_t` is, so `T` iterations always suffice. Zeroing `A_t` also
-  cuts products of Jacobians across the converged prefix, which otherwise overflow on
-  chaotic systems.
-- Non-finite Jacobian entries are treated as zero (only the preconditioner changes;
-  the residual test is untouched).
-- If the new iterate is non-finite from some step on (overflow in the scan), those
-  steps keep their previous, finite values. The step at `p` is always finite, so
-  progress continues.
+1. linearise at `S` (only when `S` is new: a rejected trial reuses the descent's state);
+2. make the correction for the current step size and the trial `S + delta`;
+3. evaluate `f` at the trial, measure its residual (`measure`) and let the search
+   accept it or not.
+
+The loop stops as soon as the accepted iterate meets the tolerance, so the iterate
+returned is always the one whose residual was measured, and the pass that confirms
+convergence evaluates `f` but forms no Jacobian.
+
+Safeguards, which keep the causality bound "at most T accepted iterations" in floating
+point whatever the step is:
+
+- Steps before the first unconverged one, `p`, are frozen (`A_t = 0`, `delta_t = 0`), and
+  step `p` becomes exactly `f(s_{p-1}, x_p)`: every accepted iteration converges at least
+  one more step. Zeroing `A_t` also cuts products of Jacobians across the converged
+  prefix, which otherwise overflow on chaotic systems.
+- Non-finite entries of `A_t` are treated as zero (only the preconditioner changes; the
+  residual test is untouched).
+- If the trial is non-finite from some step on (overflow in the scan), those steps keep
+  their previous, finite values. The step at `p` is always finite, so progress continues.
+- A search that keeps rejecting trials is made to accept one after `max_trials` (every
+  trial converges step `p`, so the bound holds).
 - If `f` itself returns NaN/Inf from the converged (finite) prefix, the trajectory is
   genuinely non-finite: the loop stops with `RESULTS.nonfinite`, and the value is NaN
   from that step on.
 
-Window mode (`window=W < T`, used by `parassm.SlidingWindow`): each iteration works on
-the `W` steps starting at the first unconverged step (clamped to `T - W`), with the
-converged state just before the window as its initial state. Steps that leave the
-window were converged when they left and never change again. Memory for Jacobians and
-scans is `O(W)`; the bound "at most T iterations" still holds.
+The loop (`newton_loop`) runs on a `Problem`: a flat recurrence, its inputs and the state
+before its first step. `parassm.SlidingWindow` runs it on one window of the trajectory at
+a time; the diagnostics' trial records its progress with a `History` observer;
+`parassm.UnrolledAdjoint` runs it with a checkpointed loop.
 """
 
 import abc
 from collections.abc import Callable
 
-import jax
+import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -48,15 +57,220 @@ from equinox import AbstractVar
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .. import _linear as linear
+from .._linear._scan_impl import associative_scan
 from .._problem import Flat, flatten, unravel_trajectory
 from .._solution import RESULTS
-from ._base import AbstractSolver, default_tolerance
+from . import _jacobian as jacobian
+from ._base import AbstractSolver, check_tolerances, default_tolerance
+from ._descent import AbstractDescent, LevenbergMarquardtDescent, NewtonDescent
+from ._search import AbstractSearch, Backtracking, FixedDamping, TrustRegion, Undamped
 
 
-def batched(flat: Flat, xs: PyTree | None) -> Callable[[Array], Array]:
-    """`S_prev -> (f(s_{t-1}, x_t))_t`, vectorised over time."""
-    in_axes = (0, None if xs is None else 0)
-    return lambda s_prev: jax.vmap(flat.fn, in_axes=in_axes)(s_prev, xs)
+class Problem(eqx.Module):
+    """The recurrence the loop iterates on: `fn(s, x)` on flat states, its inputs, and
+    the state before the first step (`s0`, or the converged state before a window)."""
+
+    fn: Callable = eqx.field(static=True)
+    unravel: Callable = eqx.field(static=True)
+    xs: PyTree | None
+    s0: Float[Array, " D"]
+    length: int = eqx.field(static=True)
+
+    def previous(self, S: Float[Array, "T D"]) -> Float[Array, "T D"]:
+        """`(s_0, s_1, ..., s_{T-1})`: the state before every step."""
+        return shift(S, self.s0)
+
+    def evaluate(self, S: Float[Array, "T D"]) -> Float[Array, "T D"]:
+        """`f(s_{t-1}, x_t)` for every step."""
+        return jacobian.over_time(self.fn, self.xs)(self.previous(S))
+
+
+def shift(x: Float[Array, "T D"], first: Float[Array, " D"] | None = None) -> Array:
+    """`(first, x_1, ..., x_{T-1})`: the previous step of every step (zero first by default)."""
+    first = jnp.zeros_like(x[0]) if first is None else first
+    # `roll` rather than `concatenate`: with time split over devices XLA's partitioner
+    # turns a roll into a one-step halo exchange, but gathers a concatenation whole.
+    is_first = (jnp.arange(x.shape[0]) == 0)[:, None]
+    return jnp.where(is_first, first, jnp.roll(x, 1, axis=0))
+
+
+def first_true(mask: Bool[Array, " T"]) -> Int[Array, ""]:
+    """The first index where `mask` holds (`T` if none). A masked `min`, not `argmax`:
+    with time split over devices it is one scalar all-reduce."""
+    T = mask.shape[0]
+    return jnp.min(jnp.where(mask, jnp.arange(T), T))
+
+
+def measure(
+    S: Float[Array, "T D"],
+    fs: Float[Array, "T D"],
+    rtol: float,
+    atol: float,
+    scale: Float[Array, ""] | float = 0.0,
+) -> tuple[Float[Array, " T"], Int[Array, ""]]:
+    """The loop's convergence test: `(err, p)`, the scaled residual of every step and
+    the first step with `err > 1` (`T` if none).
+
+    Step `t` is converged when
+
+        |s_t - f(s_{t-1}, x_t)|_inf <= atol + rtol * nu_t,
+
+    where `nu_t`, the size of the trajectory up to step `t`, is the largest
+    `|f(s_{t'-1}, x_t')|_inf` over the steps `t' <= t` that meet the test relative to
+    their own size (`|r_t'| <= atol + rtol |f_t'|`), and at least `scale` (the size of
+    the trajectory before a window).
+
+    The test is invariant to the scale of the state: multiply the trajectory by `c` and
+    every quantity is multiplied by `c` (`atol` defaults to zero). Measuring a step
+    against the size of the trajectory so far rather than its own size alone lets steps
+    that decay towards zero converge to the accuracy of the trajectory around them
+    (relative accuracy at 1e-30 of the trajectory's size cannot be had in floating
+    point). Only steps that are themselves accurate count towards `nu_t`, and only
+    earlier ones: a wild iterate after the converged front cannot loosen the test of the
+    front.
+
+    NaN or Inf anywhere in a step makes it unconverged (`err = inf`).
+    """
+    r_norm = jnp.max(jnp.abs(S - fs), axis=1)
+    f_norm = jnp.max(jnp.abs(fs), axis=1)
+    zero = jnp.zeros((), f_norm.dtype)
+    # NaN compares False: a non-finite step never passes, nor counts towards `nu`.
+    accurate = r_norm <= atol + rtol * f_norm
+    nu = associative_scan(jnp.maximum, jnp.where(accurate, f_norm, zero))
+    tol = atol + rtol * jnp.maximum(jnp.maximum(f_norm, nu), scale)
+    err = jnp.where(r_norm == 0, zero, r_norm / tol)
+    err = jnp.where(jnp.isnan(err), jnp.inf, err)
+    return err, first_true(~(err <= 1))
+
+
+def merit(S: Float[Array, "T D"], fs: Float[Array, "T D"]) -> Float[Array, ""]:
+    """`1/2 sum_t |s_t - f(s_{t-1}, x_t)|^2`; `inf` if that is not finite."""
+    r = S - fs
+    value = 0.5 * jnp.sum(r * r)
+    return jnp.where(jnp.isfinite(value), value, jnp.asarray(jnp.inf, value.dtype))
+
+
+def safeguarded(
+    S: Float[Array, "T D"], fs: Float[Array, "T D"], delta: Float[Array, "T D"], p: Array
+) -> Float[Array, "T D"]:
+    """The trial `S + delta` with the loop's safeguards: the converged prefix stays
+    frozen, step `p` becomes exactly `f(s_{p-1}, x_p)`, and the steps from the first
+    non-finite one on keep their previous values."""
+    times = jnp.arange(S.shape[0])[:, None]
+    # Exactly `f(s_{p-1})` at the first unconverged step: the correction form would
+    # cancel catastrophically if the old guess there were huge.
+    trial = jnp.where(times < p, S, jnp.where(times == p, fs, S + delta))
+    # The first non-finite step by a reduction, not a cumulative sum (which XLA gathers
+    # whole when time is split over devices).
+    first_bad = first_true(~jnp.all(jnp.isfinite(trial), axis=1))
+    return jnp.where(times >= first_bad, S, trial)
+
+
+class Trial(eqx.Module):
+    """What a search sees of one trial: the merits and converged fronts of the accepted
+    iterate and of the trial, and the descent's prediction of the trial's merit."""
+
+    merit: Float[Array, ""]
+    trial_merit: Float[Array, ""]
+    front: Int[Array, ""]
+    trial_front: Int[Array, ""]
+    predicted_merit: Callable[[], Float[Array, ""]] = eqx.field(static=True)
+
+
+class LoopState(eqx.Module):
+    """The carry of the Newton loop: the accepted iterate (`S`, its values `fs`, scaled
+    residuals `err` and converged `front`), the search, and the next trial."""
+
+    S: Float[Array, "T D"]
+    fs: Float[Array, "T D"]
+    err: Float[Array, " T"]
+    front: Int[Array, ""]
+    num_steps: Int[Array, ""]
+    num_trials: Int[Array, ""]
+    rejections: Int[Array, ""]
+    step_size: Float[Array, ""]
+    search_state: PyTree
+    # For a search that may retry from the same iterate: the descent's state there.
+    descent_state: PyTree
+    trial: Float[Array, "T D"]
+    done: Bool[Array, ""]
+
+    @property
+    def nonfinite(self) -> Bool[Array, ""]:
+        """`f` is non-finite at the converged front: the trajectory itself is."""
+        at_front = (jnp.arange(self.fs.shape[0]) == self.front)[:, None]
+        return jnp.any(at_front & ~jnp.isfinite(self.fs))
+
+    @property
+    def converged(self) -> Bool[Array, ""]:
+        return self.front >= self.S.shape[0]
+
+
+class AbstractObserver(eqx.Module):
+    """Records something about every iterate of the loop (e.g. `History`)."""
+
+    @abc.abstractmethod
+    def init(self, max_steps: int, dtype) -> PyTree:
+        """The empty record."""
+
+    @abc.abstractmethod
+    def update(self, record: PyTree, state: LoopState) -> PyTree:
+        """The record after one more evaluation (of the guess, then of each trial)."""
+
+
+class History(AbstractObserver):
+    """After `k` accepted iterations, `k = 0..steps`: the converged prefix and the log of
+    the largest scaled residual (`-1` and `inf` where no iteration `k` took place)."""
+
+    steps: int = eqx.field(static=True)
+
+    def init(self, max_steps, dtype):
+        return jnp.full(self.steps + 1, -1), jnp.full(self.steps + 1, jnp.inf, dtype)
+
+    def update(self, record, state):
+        prefix, log_res = record
+        k = state.num_steps
+        log_max = jnp.log(jnp.max(state.err))
+        return prefix.at[k].set(state.front, mode="drop"), log_res.at[k].set(log_max, mode="drop")
+
+
+class AbstractParallelSolver(AbstractSolver):
+    """A solver that iterates `s^{new}_t = A_t s^{new}_{t-1} + b_t` to convergence.
+
+    Subclasses choose `A_t` by implementing `linearise`, and how a correction is made
+    and taken by their `descent` and `search`.
+    """
+
+    rtol: AbstractVar[float | None]
+    atol: AbstractVar[float | None]
+    search: AbstractVar[AbstractSearch]
+
+    @property
+    @abc.abstractmethod
+    def descent(self) -> AbstractDescent:
+        """How the correction is computed from `A_t` and a step size."""
+
+    @abc.abstractmethod
+    def linearise(
+        self, problem: Problem, s_prev: Float[Array, "T D"], iteration: Array
+    ) -> tuple[Float[Array, "T D"], linear.AbstractTransition]:
+        """`(f(s_{t-1}, x_t), A_t)` for every step, at the previous states `s_prev`: the
+        values and the maps, in one pass where possible. `iteration` counts the
+        evaluations (e.g. for fresh random probes)."""
+
+    def tolerances(self, dtype) -> tuple[float, float]:
+        """`(rtol, atol)`: the defaults are `eps ** 0.7` of the dtype and zero."""
+        rtol = default_tolerance(dtype) if self.rtol is None else self.rtol
+        atol = 0.0 if self.atol is None else self.atol
+        return rtol, atol
+
+    def check(self, flat: Flat) -> None:
+        """Trace-time checks of the problem (e.g. block sizes); nothing by default."""
+
+    def solve(self, f, s0, xs, length, init, max_steps):
+        flat = flatten(f, s0)
+        states, result, stats = solve_flat(self, flat, xs, length, init, max_steps)
+        return unravel_trajectory(flat, states), result, stats
 
 
 def flat_initial_guess(flat: Flat, init: PyTree | None, length: int) -> Array:
@@ -71,298 +285,235 @@ def flat_initial_guess(flat: Flat, init: PyTree | None, length: int) -> Array:
     return jnp.where(finite, guess, flat.s0)
 
 
-def finite_transition(transition: linear.AbstractTransition) -> linear.AbstractTransition:
-    """`transition` with its non-finite entries replaced by zero."""
-    a = transition.elements()
-    return transition.from_elements(jnp.where(jnp.isfinite(a), a, jnp.zeros((), a.dtype)))
+def newton_loop(
+    solver: AbstractParallelSolver,
+    problem: Problem,
+    S0: Float[Array, "T D"],
+    max_steps: int,
+    *,
+    search_state: tuple[Array, PyTree] | None = None,
+    scale: Float[Array, ""] | float = 0.0,
+    loop: Callable = lax.while_loop,
+    observer: AbstractObserver | None = None,
+) -> tuple[LoopState, PyTree]:
+    """Run the Newton loop from the guess `S0` for at most `max_steps` accepted
+    iterations. Returns the final `LoopState` and the observer's record (or `None`).
 
+    Each body evaluates the pending trial (the guess, at first), lets the search accept
+    it or not, and, unless the accepted iterate is converged (or the loop is out of
+    steps), makes the next trial. The values and the maps `A_t` come from one pass
+    (`AbstractParallelSolver.linearise`), so an iteration costs one such pass and one
+    descent; the maps of the last trial, which confirms convergence, go unused.
 
-def shift(x: Float[Array, "T D"], first: Float[Array, " D"] | None = None) -> Array:
-    """`(first, x_1, ..., x_{T-1})`: the previous step of every step (zero first by default)."""
-    first = jnp.zeros_like(x[0]) if first is None else first
-    # `roll` rather than `concatenate`: with time split over devices XLA's partitioner
-    # turns a roll into a one-step halo exchange, but gathers a concatenation whole.
-    is_first = (jnp.arange(x.shape[0]) == 0)[:, None]
-    return jnp.where(is_first, first, jnp.roll(x, 1, axis=0))
-
-
-def scaled_error(r: Float[Array, "T D"], fs: Float[Array, "T D"], rtol, atol) -> Array:
-    """The loop's convergence measure per step: `max_i |r_ti| / (atol + rtol |f_ti|)`,
-    `inf` where it is NaN. Step `t` is converged when it is at most one."""
-    scaled = jnp.abs(r) / (atol + rtol * jnp.abs(fs))
-    return jnp.max(jnp.where(jnp.isnan(scaled), jnp.inf, scaled), axis=1)
-
-
-def first_unconverged(err_t: Float[Array, " T"]) -> Array:
-    """The first step with `err_t > 1` (`T` if none). A masked `min`, not `argmin`: with
-    time split over devices it is one scalar all-reduce."""
-    return jnp.min(jnp.where(err_t <= 1, err_t.shape[0], jnp.arange(err_t.shape[0])))
-
-
-def _merit(r: Float[Array, "T D"]) -> Float[Array, ""]:
-    value = 0.5 * jnp.sum(r * r)
-    return jnp.where(jnp.isfinite(value), value, jnp.asarray(jnp.inf, value.dtype))
-
-
-class Iterate:
-    """What a solver's `step` sees at one iteration of the shared loop.
-
-    Every array covers the steps being iterated on (all `T` of them, or the current
-    window in window mode; `T` below means that length).
-
-    **Attributes:**
-
-    - `flat`, `xs`: the flat recurrence and its inputs (for the window).
-    - `S`: the current iterate, `(T, D)`; `s_prev` the previous states, `(T, D)`.
-    - `fs`: `f(s_{t-1}, x_t)`; `r`: the residual `S - fs`.
-    - `lin`: the solver's linearisation (from `linearise`), or `None`.
-    - `p`: the first unconverged step (an index into `S`).
-    - `iteration`: the iteration counter.
-    - `rtol`, `atol`: the solver's tolerances (for `measure`).
+    `search_state`, a `(step_size, state)` pair, continues the search of an earlier
+    loop, and `scale` floors the size of the trajectory in the convergence test
+    (`measure`), both for a sliding window's later positions. `loop` is
+    `lax.while_loop` or a reverse-differentiable (checkpointed) loop, which runs at
+    most `max_steps * max_trials + 1` bodies.
     """
+    descent, search = solver.descent, solver.search
+    rtol, atol = solver.tolerances(S0.dtype)
+    dtype = S0.dtype
+    T = S0.shape[0]
 
-    def __init__(self, flat, xs, S, s_prev, fs, r, lin, p, iteration, step_fn, rtol, atol):
-        self.flat = flat
-        self.xs = xs
-        self.S = S
-        self.s_prev = s_prev
-        self.fs = fs
-        self.r = r
-        self.lin = lin
-        self.p = p
-        self.iteration = iteration
-        self.rtol = rtol
-        self.atol = atol
-        self._step_fn = step_fn
+    def evaluate(S, iteration):
+        fs, transition = solver.linearise(problem, problem.previous(S), iteration)
+        err, front = measure(S, fs, rtol, atol, scale)
+        return fs, transition, err, front
 
-    @property
-    def times(self) -> Array:
-        return jnp.arange(self.S.shape[0])
+    if search_state is None:
+        search_state = search.init(dtype)
+    step_size0, search_state = search_state
+    descent_state0 = None
+    if search.may_reject:
 
-    @property
-    def keep(self) -> Bool[Array, " T"]:
-        """The steps not frozen: `t >= p`."""
-        return self.times >= self.p
+        def prepared(S):
+            fs, transition, _, front = evaluate(S, 0)
+            return descent.prepare(transition, S - fs, front)
 
-    def merit(self, S: Float[Array, "T D"] | None = None) -> Float[Array, ""]:
-        """`1/2 sum_t |s_t - f(s_{t-1}, x_t)|^2` at `S` (the current iterate by default);
-        `inf` if that is not finite."""
-        if S is None:
-            r = self.r
+        shapes = eqx.filter_eval_shape(prepared, S0)
+        descent_state0 = jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    inf = jnp.asarray(jnp.inf, dtype)
+    state0 = LoopState(
+        S=S0,
+        fs=S0,
+        err=jnp.full(T, inf),
+        front=jnp.array(0),
+        num_steps=jnp.array(-1),
+        num_trials=jnp.array(-1),
+        rejections=jnp.array(0),
+        step_size=jnp.asarray(step_size0, dtype),
+        search_state=search_state,
+        descent_state=descent_state0,
+        trial=S0,
+        done=jnp.array(False),
+    )
+
+    def cond(carry):
+        return ~carry[0].done
+
+    def body(carry):
+        state, record = carry
+        trial = state.trial
+        trial_fs, A, trial_err, trial_front = evaluate(trial, state.num_trials + 1)
+        first = state.num_steps < 0
+        if search.may_reject:
+
+            def predicted_merit():
+                r = state.S - state.fs
+                model = descent.model_residual(state.descent_state, r, trial - state.S)
+                return 0.5 * jnp.sum(model * model)
+
+            info = Trial(
+                merit=merit(state.S, state.fs),
+                trial_merit=merit(trial, trial_fs),
+                front=state.front,
+                trial_front=trial_front,
+                predicted_merit=predicted_merit,
+            )
+            accept, step_size, search_state = search.update(
+                state.search_state, state.step_size, info
+            )
+            # Every trial converges step `p`: accepting one always makes progress.
+            accept = first | accept | (state.rejections + 1 >= search.max_trials)
+            step_size = jnp.where(first, state.step_size, step_size)
+            search_state = jtu.tree_map(
+                lambda new, old: jnp.where(first, old, new), search_state, state.search_state
+            )
         else:
-            r = S - self._step_fn(shift(S, self.s_prev[0]))
-        return _merit(r)
+            accept, step_size, search_state = True, state.step_size, state.search_state
 
-    def measure(self, S: Float[Array, "T D"]) -> tuple[Float[Array, ""], Int[Array, ""]]:
-        """The merit at a trial iterate `S` (as `merit`) and its converged front: the first
-        step whose scaled residual `|r_t| / (atol + rtol |f|)` exceeds one, by the loop's
-        test (`T` if none does). One vectorised evaluation of `f`."""
-        fs = self._step_fn(shift(S, self.s_prev[0]))
-        r = S - fs
-        return _merit(r), first_unconverged(scaled_error(r, fs, self.rtol, self.atol))
+        def keep(new, old):
+            return new if accept is True else jnp.where(accept, new, old)
 
-    def newton_correction(self, transition: linear.AbstractTransition) -> Float[Array, "T D"]:
-        """The correction `delta_t = A_t delta_{t-1} - r_t` on the unfrozen steps."""
-        keep = self.keep
-        b = jnp.where(keep[:, None], -self.r, jnp.zeros((), self.r.dtype))
-        return linear.solve(finite_transition(transition).mask(keep), b)
+        S = keep(trial, state.S)
+        fs = keep(trial_fs, state.fs)
+        front = keep(trial_front, state.front)
+        num_steps = state.num_steps + (1 if accept is True else accept.astype(int))
+        nonfinite = jnp.any((jnp.arange(T) == front)[:, None] & ~jnp.isfinite(fs))
+        done = (front >= T) | nonfinite | (num_steps >= max_steps)
 
-    def apply(self, delta: Float[Array, "T D"]) -> Float[Array, "T D"]:
-        """The next iterate `S + delta`, with the loop's safeguards: the converged prefix
-        stays frozen, step `p` becomes exactly `f(s_{p-1}, x_p)`, and non-finite steps
-        (from the first one on) keep their previous values."""
-        times = self.times[:, None]
-        S_new = jnp.where(times < self.p, self.S, self.S + delta)
-        # Exactly `f(s_{p-1})` at the first unconverged step: the correction form would
-        # cancel catastrophically if the old guess there were huge.
-        S_new = jnp.where(times == self.p, self.fs, S_new)
-        bad = ~jnp.all(jnp.isfinite(S_new), axis=1)
-        # The first non-finite step by a reduction, not a cumulative sum (which
-        # XLA gathers whole when time is split over devices).
-        first_bad = jnp.min(jnp.where(bad, self.times, S_new.shape[0]))
-        return jnp.where(times >= first_bad, self.S, S_new)
-
-
-class AbstractParallelSolver(AbstractSolver):
-    """A solver that iterates `s^{new}_t = A_t s^{new}_{t-1} + b_t` to convergence.
-
-    Subclasses choose `A_t` by implementing `transition`. They may also override `step`
-    (how the next iterate is made from `A_t`), with `init_state` / `state_stats` for
-    state carried between iterations.
-    """
-
-    rtol: AbstractVar[float | None]
-    atol: AbstractVar[float | None]
-
-    def linearise(
-        self, step: Callable[[Array], Array], s_prev: Float[Array, "T D"]
-    ) -> tuple[Float[Array, "T D"], Callable | None]:
-        """Evaluate the batched step at `s_prev`, with its JVP if the solver needs it."""
-        return jax.linearize(step, s_prev)
-
-    @abc.abstractmethod
-    def transition(
-        self,
-        flat: Flat,
-        xs: PyTree | None,
-        s_prev: Float[Array, "T D"],
-        lin: Callable | None,
-        iteration: Array,
-    ) -> linear.AbstractTransition:
-        """The maps `A_t` for this iteration, linearised at `s_prev`."""
-
-    def step(self, it: Iterate, state: PyTree) -> tuple[Float[Array, "T D"], PyTree]:
-        """The next iterate and solver state. Default: the full Newton-type step with
-        `A_t = transition(...)`. Build the iterate with `it.apply` to keep the loop's
-        safeguards."""
-        A = self.transition(it.flat, it.xs, it.s_prev, it.lin, it.iteration)
-        return it.apply(it.newton_correction(A)), state
-
-    def init_state(self, dtype) -> PyTree[Array]:
-        """Solver state carried between iterations (none by default)."""
-        return None
-
-    def state_stats(self, state: PyTree[Array]) -> dict[str, Array]:
-        """Entries the solver state adds to `Solution.stats` (none by default)."""
-        return {}
-
-    def tolerances(self, dtype) -> tuple[float, float]:
-        rtol = default_tolerance(dtype) if self.rtol is None else self.rtol
-        atol = default_tolerance(dtype) if self.atol is None else self.atol
-        return rtol, atol
-
-    def solve(self, f, s0, xs, length, init, max_steps):
-        flat = flatten(f, s0)
-        states, result, stats = self.solve_flat(flat, xs, length, init, max_steps)
-        return unravel_trajectory(flat, states), result, stats
-
-    def solve_flat(
-        self,
-        flat: Flat,
-        xs: PyTree | None,
-        length: int,
-        init: PyTree | None,
-        max_steps: int | None,
-        *,
-        window: int | None = None,
-        loop: Callable = lax.while_loop,
-        history: int | None = None,
-    ) -> tuple[Float[Array, "T D"], RESULTS, dict[str, Array]]:
-        """The Newton loop on the flat recurrence. Keyword-only options:
-
-        - `window`: iterate on `window` steps at a time (see the module docstring).
-        - `loop`: the `while_loop` to run the iterations with.
-        - `history`: if given, `stats` also holds `history_prefix` and
-            `history_log_residual`, of length `history + 1`: the converged prefix and
-            the log of the largest scaled residual measured after `k` iterations (`-1`
-            and `inf` where no iteration `k` took place).
-        """
-        T = length
-        W = T if window is None else min(window, T)
-        max_steps = T if max_steps is None else max_steps
-        rtol, atol = self.tolerances(flat.s0.dtype)
-        wtimes = jnp.arange(W)
-
-        def view(S, start):
-            if W == T:
-                return jnp.array(0), S, flat.s0, xs
-            w0 = jnp.minimum(start, T - W)
-            before = S[jnp.maximum(w0 - 1, 0)]
-            xs_w = jtu.tree_map(lambda x: lax.dynamic_slice_in_dim(x, w0, W), xs)
-            return w0, lax.dynamic_slice_in_dim(S, w0, W), jnp.where(w0 > 0, before, flat.s0), xs_w
-
-        def body(carry):
-            S, start, iteration, _, _, state, done, trace = carry
-            w0, Sw, s_before, xs_w = view(S, start)
-            step_fn = batched(flat, xs_w)
-            s_prev = shift(Sw, s_before)
-            fs, lin = self.linearise(step_fn, s_prev)
-            r = Sw - fs
-            err_t = scaled_error(r, fs, rtol, atol)
-            # First unconverged step (W if none), in the window and overall.
-            p_w = first_unconverged(err_t)
-            p = w0 + p_w
-            converged = p >= T
-            # (A masked reduction rather than `fs[p_w]`, which XLA would gather whole when
-            # time is split over devices.)
-            at_p = (wtimes == p_w)[:, None]
-            nonfinite = ~converged & jnp.any(at_p & ~jnp.isfinite(fs))
-            stop = converged | nonfinite | (iteration >= max_steps)
-
-            def update():
-                it = Iterate(
-                    flat, xs_w, Sw, s_prev, fs, r, lin, p_w, iteration, step_fn, rtol, atol
+        def next_trial():
+            if search.may_reject:
+                descent_state = lax.cond(
+                    accept,
+                    lambda: descent.prepare(A, S - fs, front),
+                    lambda: state.descent_state,
                 )
-                Sw_new, new_state = self.step(it, state)
-                if W == T:
-                    return Sw_new, new_state
-                return lax.dynamic_update_slice_in_dim(S, Sw_new, w0, axis=0), new_state
+            else:
+                descent_state = descent.prepare(A, S - fs, front)
+            delta = descent.step(descent_state, step_size)
+            return safeguarded(S, fs, delta, front), descent_state
 
-            # A window with nothing to do (every step converged) only moves on.
-            idle = stop | (p_w == W)
-            if trace is not None:
-                log_res = jnp.log(jnp.max(err_t))
-                trace = (
-                    trace[0].at[iteration].set(p, mode="drop"),
-                    trace[1].at[iteration].set(log_res, mode="drop"),
-                )
-            S_next, state = lax.cond(idle, lambda: (S, state), update)
-            abs_r = jnp.max(jnp.abs(r), axis=1)
-            # Steps after the window have not been measured yet.
-            unmeasured = ~converged & (w0 + W < T)
-            inf = jnp.asarray(jnp.inf, err_t.dtype)
-            stats = dict(
-                residual=jnp.where(unmeasured, inf, jnp.maximum(done[0], jnp.max(err_t))),
-                max_abs_residual=jnp.where(unmeasured, inf, jnp.maximum(done[1], jnp.max(abs_r))),
-                converged_prefix=p,
-                nonfinite=nonfinite,
-                converged=converged,
-                **self.state_stats(state),
-            )
-            # After an update step `p` is exact, so the next window may start after it.
-            start = jnp.where(idle, p, p + 1)
-            # Steps leaving the window are converged and never change again (step `p`
-            # now has a zero residual).
-            leaving = w0 + wtimes < jnp.minimum(start, T - W)
-            zero = jnp.zeros((), err_t.dtype)
-            exact = wtimes == p_w
-            done = (
-                jnp.maximum(done[0], jnp.max(jnp.where(leaving & ~exact, err_t, zero))),
-                jnp.maximum(done[1], jnp.max(jnp.where(leaving & ~exact, abs_r, zero))),
-            )
-            return S_next, start, iteration + jnp.where(idle, 0, 1), stop, stats, state, done, trace
-
-        S0 = flat_initial_guess(flat, init, T)
-        dtype = S0.dtype
-        state0 = self.init_state(dtype)
-        stats0 = dict(
-            residual=jnp.array(jnp.inf, dtype),
-            max_abs_residual=jnp.array(jnp.inf, dtype),
-            converged_prefix=jnp.array(0),
-            nonfinite=jnp.array(False),
-            converged=jnp.array(False),
-            **self.state_stats(state0),
+        if search.may_reject:
+            next_, descent_state = lax.cond(done, lambda: (S, state.descent_state), next_trial)
+        else:
+            next_, descent_state = lax.cond(done, lambda: S, lambda: next_trial()[0]), None
+        state = LoopState(
+            S=S,
+            fs=fs,
+            err=keep(trial_err, state.err),
+            front=front,
+            num_steps=num_steps,
+            num_trials=state.num_trials + 1,
+            rejections=jnp.where(accept, 0, state.rejections + 1),
+            step_size=step_size,
+            search_state=search_state,
+            descent_state=descent_state,
+            trial=next_,
+            done=done,
         )
-        done0 = (jnp.array(0, dtype), jnp.array(0, dtype))
-        trace0 = None
-        if history is not None:
-            trace0 = (jnp.full(history + 1, -1), jnp.full(history + 1, jnp.inf, dtype))
-        carry = (S0, jnp.array(0), jnp.array(0), jnp.array(False), stats0, state0, done0, trace0)
-        # `loop` is `lax.while_loop`, or a reverse-differentiable (checkpointed) loop for
-        # `parassm.UnrolledAdjoint`; it runs at most `max_steps + 1` bodies.
-        S, _, num_steps, _, stats, _, _, trace = loop(lambda c: ~c[3], body, carry)
-        if trace is not None:
-            stats = dict(stats, history_prefix=trace[0], history_log_residual=trace[1])
+        if observer is not None:
+            record = observer.update(record, state)
+        return state, record
 
-        converged = stats.pop("converged")
-        nonfinite = stats.pop("nonfinite")
-        result = RESULTS.where(
-            converged,
-            RESULTS.successful,
-            RESULTS.where(nonfinite, RESULTS.nonfinite, RESULTS.max_steps_reached),
+    record0 = None if observer is None else observer.init(max_steps, dtype)
+    return loop(cond, body, (state0, record0))
+
+
+def solve_flat(
+    solver: AbstractParallelSolver,
+    flat: Flat,
+    xs: PyTree | None,
+    length: int,
+    init: PyTree | None,
+    max_steps: int | None,
+    *,
+    loop: Callable = lax.while_loop,
+    observer: AbstractObserver | None = None,
+) -> tuple[Float[Array, "T D"], RESULTS, dict[str, Array]]:
+    """Solve the flat recurrence with the Newton loop; `(states, result, stats)`.
+    `stats` gains `record`, the observer's record, when an observer is given."""
+    solver.check(flat)
+    max_steps = length if max_steps is None else max_steps
+    problem = Problem(flat.fn, flat.unravel, xs, flat.s0, length)
+    S0 = flat_initial_guess(flat, init, length)
+    state, record = newton_loop(solver, problem, S0, max_steps, loop=loop, observer=observer)
+    S, result, stats = finish(solver, state, max_steps)
+    if observer is not None:
+        stats["record"] = record
+    return S, result, stats
+
+
+def finish(
+    solver: AbstractParallelSolver, state: LoopState, max_steps: int
+) -> tuple[Float[Array, "T D"], RESULTS, dict[str, Array]]:
+    """The result code, the trajectory (NaN from a genuinely non-finite step on) and the
+    statistics of a finished loop."""
+    nonfinite = state.nonfinite
+    result = RESULTS.where(
+        state.converged,
+        RESULTS.successful,
+        RESULTS.where(nonfinite, RESULTS.nonfinite, RESULTS.max_steps_reached),
+    )
+    T = state.S.shape[0]
+    # A genuinely non-finite trajectory is reported as such, never hidden.
+    after = (jnp.arange(T) >= state.front)[:, None]
+    S = jnp.where(nonfinite & after, jnp.nan, state.S)
+    stats = dict(
+        num_steps=state.num_steps,
+        max_steps=jnp.array(max_steps),
+        residual=jnp.max(state.err),
+        max_abs_residual=jnp.max(jnp.abs(state.S - state.fs)),
+        converged_prefix=state.front,
+        **solver.search.stats(state.search_state, state.step_size, state.num_trials),
+    )
+    return S, result, stats
+
+
+def _check_search(solver, allowed: tuple[type, ...]) -> None:
+    if not isinstance(solver.search, allowed):
+        names = ", ".join(f"`parassm.{c.__name__}()`" for c in allowed)
+        raise TypeError(
+            f"{type(solver).__name__} takes `search=` one of {names}; got "
+            f"{type(solver.search).__name__}."
         )
-        # A genuinely non-finite trajectory is reported as such, never hidden.
-        times = jnp.arange(T)
-        S = jnp.where(nonfinite & (times >= stats["converged_prefix"])[:, None], jnp.nan, S)
-        stats = dict(num_steps=num_steps, max_steps=jnp.array(max_steps), **stats)
-        return S, result, stats
+
+
+class AbstractNewtonSolver(AbstractParallelSolver):
+    """A parallel solver whose correction is the (quasi-)Newton one, one associative
+    scan per linearisation ([`parassm.DEER`][], [`parassm.QuasiDEER`][],
+    [`parassm.BlockQuasiDEER`][], [`parassm.Picard`][], [`parassm.Jacobi`][]). Takes an
+    `Undamped` or `Backtracking` search."""
+
+    def __check_init__(self):
+        check_tolerances(self.rtol, self.atol)
+        _check_search(self, (Undamped, Backtracking))
+
+    @property
+    def descent(self) -> AbstractDescent:
+        return NewtonDescent()
+
+
+class AbstractLevenbergMarquardtSolver(AbstractParallelSolver):
+    """A parallel solver whose correction is a Levenberg-Marquardt step by the parallel
+    Kalman smoother ([`parassm.ELK`][], [`parassm.QuasiELK`][]). Takes a
+    `TrustRegion`, `FixedDamping` or `Backtracking` search."""
+
+    def __check_init__(self):
+        check_tolerances(self.rtol, self.atol)
+        _check_search(self, (TrustRegion, FixedDamping, Backtracking))
+
+    @property
+    def descent(self) -> AbstractDescent:
+        return LevenbergMarquardtDescent()

@@ -1,9 +1,10 @@
 from .. import _linear as linear
-from ._base import check_tolerances
-from ._parallel import AbstractParallelSolver
+from . import _jacobian as jacobian
+from ._parallel import AbstractNewtonSolver
+from ._search import AbstractSearch, Undamped
 
 
-class Jacobi(AbstractParallelSolver):
+class Jacobi(AbstractNewtonSolver):
     r"""Jacobi (fixed-point) iteration: $A_t = 0$, so $s^{new}_t = f(s_{t-1}, x_t)$.
 
     Zeroth order and fully parallel: no scan at all, `O(T D)` per iteration. Converges
@@ -11,17 +12,13 @@ class Jacobi(AbstractParallelSolver):
 
     **Arguments:**
 
-    - `rtol`, `atol`: as for [`parassm.DEER`][].
+    - `rtol`, `atol`, `search`: as for [`parassm.DEER`][].
     """
 
     rtol: float | None = None
     atol: float | None = None
+    search: AbstractSearch = Undamped()
 
-    def __check_init__(self):
-        check_tolerances(self.rtol, self.atol)
-
-    def linearise(self, step, s_prev):
-        return step(s_prev), None
-
-    def transition(self, flat, xs, s_prev, lin, iteration):
-        return linear.Zero(s_prev.shape[0])
+    def linearise(self, problem, s_prev, iteration):
+        fs = jacobian.over_time(problem.fn, problem.xs)(s_prev)
+        return fs, linear.Zero(s_prev.shape[0])

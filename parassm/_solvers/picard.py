@@ -1,11 +1,12 @@
 import jax.numpy as jnp
 
 from .. import _linear as linear
-from ._base import check_tolerances
-from ._parallel import AbstractParallelSolver
+from . import _jacobian as jacobian
+from ._parallel import AbstractNewtonSolver
+from ._search import AbstractSearch, Undamped
 
 
-class Picard(AbstractParallelSolver):
+class Picard(AbstractNewtonSolver):
     r"""Picard iteration: $A_t = I$, so each iteration is a cumulative sum.
 
     $s^{new}_t = s^{new}_{t-1} + f(s_{t-1}, x_t) - s_{t-1}$. Zeroth order (no
@@ -15,17 +16,13 @@ class Picard(AbstractParallelSolver):
 
     **Arguments:**
 
-    - `rtol`, `atol`: as for [`parassm.DEER`][].
+    - `rtol`, `atol`, `search`: as for [`parassm.DEER`][].
     """
 
     rtol: float | None = None
     atol: float | None = None
+    search: AbstractSearch = Undamped()
 
-    def __check_init__(self):
-        check_tolerances(self.rtol, self.atol)
-
-    def linearise(self, step, s_prev):
-        return step(s_prev), None
-
-    def transition(self, flat, xs, s_prev, lin, iteration):
-        return linear.Scalar(jnp.ones(s_prev.shape[0], s_prev.dtype))
+    def linearise(self, problem, s_prev, iteration):
+        fs = jacobian.over_time(problem.fn, problem.xs)(s_prev)
+        return fs, linear.Scalar(jnp.ones(s_prev.shape[0], s_prev.dtype))

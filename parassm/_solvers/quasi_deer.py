@@ -6,32 +6,24 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Float
 
 from .. import _linear as linear
-from .._problem import Flat
 from . import _jacobian as jacobian
-from ._base import check_tolerances
-from ._parallel import AbstractParallelSolver
-from .globalization import AbstractGlobalization, Undamped
+from ._parallel import AbstractNewtonSolver, Problem
+from ._search import AbstractSearch, Undamped
 
 
 class AbstractDiagonal(eqx.Module):
     """How [`parassm.QuasiDEER`][] obtains the diagonals of the Jacobians
     $\\partial f / \\partial s (s_{t-1}, x_t)$."""
 
-    needs_jvp: eqx.AbstractClassVar[bool]
-
     @abc.abstractmethod
     def __call__(
-        self,
-        flat: Flat,
-        xs: PyTree | None,
-        s_prev: Float[Array, "T D"],
-        lin: Callable | None,
-        iteration: Array,
-    ) -> Float[Array, "T D"]:
-        """The `(T, D)` diagonals at `s_prev`."""
+        self, problem: Problem, s_prev: Float[Array, "T D"], iteration: Array
+    ) -> tuple[Float[Array, "T D"], Float[Array, "T D"]]:
+        """`(f(s_{t-1}, x_t), diag J_t)` for every step at the previous states `s_prev`;
+        `iteration` counts the evaluations (e.g. to draw fresh random probes)."""
 
 
 class ExactDiagonal(AbstractDiagonal):
@@ -44,12 +36,10 @@ class ExactDiagonal(AbstractDiagonal):
         once, which is fastest when `T x D x D` numbers fit in memory.
     """
 
-    needs_jvp = True
     batch_size: int | None = eqx.field(default=None, static=True)
 
-    def __call__(self, flat, xs, s_prev, lin, iteration):
-        T, D = s_prev.shape
-        return jacobian.diagonal(lin, T, D, s_prev.dtype, self.batch_size)
+    def __call__(self, problem, s_prev, iteration):
+        return jacobian.value_and_diagonal(problem.fn, s_prev, problem.xs, self.batch_size)
 
 
 class HutchinsonDiagonal(AbstractDiagonal):
@@ -66,7 +56,6 @@ class HutchinsonDiagonal(AbstractDiagonal):
     - `seed`: the seed of the probes (a fresh probe is drawn every iteration).
     """
 
-    needs_jvp = True
     num_samples: int = eqx.field(default=1, static=True)
     seed: int = eqx.field(default=0, static=True)
 
@@ -74,10 +63,16 @@ class HutchinsonDiagonal(AbstractDiagonal):
         if self.num_samples < 1:
             raise ValueError(f"`num_samples` must be at least 1, got {self.num_samples}.")
 
-    def __call__(self, flat, xs, s_prev, lin, iteration):
+    def __call__(self, problem, s_prev, iteration):
         key = jr.fold_in(jr.key(self.seed), iteration)
         probes = jr.rademacher(key, (self.num_samples,) + s_prev.shape, dtype=s_prev.dtype)
-        return jnp.mean(probes * jax.vmap(lin)(probes), axis=0)
+        step = jacobian.over_time(problem.fn, problem.xs)
+
+        def product(v):
+            return jax.jvp(step, (s_prev,), (v,))
+
+        fs, products = jax.vmap(product, out_axes=(None, 0))(probes)
+        return fs, jnp.mean(probes * products, axis=0)
 
 
 class FunctionDiagonal(AbstractDiagonal):
@@ -92,19 +87,18 @@ class FunctionDiagonal(AbstractDiagonal):
     - `fn`: the diagonal function, called like the step function `f(state, x)`.
     """
 
-    needs_jvp = False
     fn: Callable
 
-    def __call__(self, flat, xs, s_prev, lin, iteration):
+    def __call__(self, problem, s_prev, iteration):
         def diag(s, x):
-            out = self.fn(flat.unravel(s), x)
+            out = self.fn(problem.unravel(s), x)
             return jnp.concatenate([jnp.ravel(leaf) for leaf in jtu.tree_leaves(out)])
 
-        in_axes = (0, None if xs is None else 0)
-        return jax.vmap(diag, in_axes=in_axes)(s_prev, xs).astype(s_prev.dtype)
+        fs = jacobian.over_time(problem.fn, problem.xs)(s_prev)
+        return fs, jacobian.over_time(diag, problem.xs)(s_prev).astype(s_prev.dtype)
 
 
-class QuasiDEER(AbstractParallelSolver):
+class QuasiDEER(AbstractNewtonSolver):
     r"""Quasi-Newton with the diagonal of the Jacobian (quasi-DEER).
 
     Each iteration solves $s^{new}_t = \mathrm{diag}(J_t) s^{new}_{t-1} + b_t$ by a
@@ -118,7 +112,7 @@ class QuasiDEER(AbstractParallelSolver):
     - `diagonal`: how to get the diagonal: [`parassm.ExactDiagonal`][] (default; `D`
         JVPs), [`parassm.HutchinsonDiagonal`][] (a stochastic estimate, `num_samples`
         JVPs) or [`parassm.FunctionDiagonal`][] (a closed form you supply).
-    - `rtol`, `atol`, `globalization`: as for [`parassm.DEER`][].
+    - `rtol`, `atol`, `search`: as for [`parassm.DEER`][].
 
     ??? cite "References"
 
@@ -136,19 +130,8 @@ class QuasiDEER(AbstractParallelSolver):
     diagonal: AbstractDiagonal = ExactDiagonal()
     rtol: float | None = None
     atol: float | None = None
-    globalization: AbstractGlobalization = Undamped()
+    search: AbstractSearch = Undamped()
 
-    def __check_init__(self):
-        check_tolerances(self.rtol, self.atol)
-
-    def step(self, it, state):
-        A = self.transition(it.flat, it.xs, it.s_prev, it.lin, it.iteration)
-        return self.globalization(it, it.newton_correction(A)), state
-
-    def linearise(self, step, s_prev):
-        if self.diagonal.needs_jvp:
-            return jax.linearize(step, s_prev)
-        return step(s_prev), None
-
-    def transition(self, flat, xs, s_prev, lin, iteration):
-        return linear.Diagonal(self.diagonal(flat, xs, s_prev, lin, iteration))
+    def linearise(self, problem, s_prev, iteration):
+        fs, diagonal = self.diagonal(problem, s_prev, iteration)
+        return fs, linear.Diagonal(diagonal)

@@ -24,7 +24,6 @@ from jaxtyping import Array, Float, PyTree
 
 from .._problem import check_state, Flat, flatten, time_length
 from .._solvers import _jacobian as jacobian
-from .._solvers._parallel import batched
 
 
 _MAX_COMPOUND = 256
@@ -46,9 +45,7 @@ def slice_inputs(xs: PyTree | None, start: int, stop: int) -> PyTree | None:
 
 def dense_jacobians(flat: Flat, xs: PyTree | None, s_prev: Float[Array, "T D"]) -> Array:
     """$J_t = \\partial f / \\partial s (s_{t-1}, x_t)$ for all `t` at once, `(T, D, D)`."""
-    T, D = s_prev.shape
-    _, lin = jax.linearize(batched(flat, xs), s_prev)
-    return jacobian.dense(lin, T, D, s_prev.dtype)
+    return jacobian.dense(flat.fn, s_prev, xs)
 
 
 def qr_log_stretch(

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree
 
 from .._problem import Flat
-from .._solvers._parallel import AbstractParallelSolver
+from .._solvers._parallel import AbstractParallelSolver, History, solve_flat
 
 
 def converged_prefix_history(
@@ -22,8 +22,8 @@ def converged_prefix_history(
     """`(prefix, log_residual)`: after `k` iterations, `k = 0..max_iters`, the converged
     prefix (non-decreasing; `length` once converged) and the log of the largest scaled
     residual (converged where `<= 0`)."""
-    _, _, stats = solver.solve_flat(flat, xs, length, None, max_iters, history=max_iters)
-    history, log_res = stats["history_prefix"], stats["history_log_residual"]
+    _, _, stats = solve_flat(solver, flat, xs, length, None, max_iters, observer=History(max_iters))
+    history, log_res = stats["record"]
     it = stats["num_steps"]
     # Entries after the last measured iteration repeat the last value.
     after = jnp.arange(max_iters + 1) > it

@@ -1,0 +1,145 @@
+r"""Descents: the correction $\Delta$ at the accepted iterate, for a given step size.
+
+Both descents fix the converged prefix ($\Delta_t = 0$ for $t < p$) and the exact
+sequential step at the first unconverged step ($\Delta_p = -r_p$), and use the maps
+$A_t$ for $t > p$ only (zero elsewhere, and where not finite).
+
+- [`parassm.NewtonDescent`][]: the (quasi-)Newton correction
+  $\Delta_t = A_t \Delta_{t-1} - r_t$, one associative scan per linearisation, scaled by
+  the step size.
+- [`parassm.LevenbergMarquardtDescent`][]: the minimiser of
+  $\sum_{t > p} |r_t + \Delta_t - A_t \Delta_{t-1}|^2 + \lambda |\Delta_t|^2$ with
+  $\lambda = 1 / \text{step size}$, the posterior mean of a linear-Gaussian model, by the
+  parallel Kalman smoother.
+"""
+
+import abc
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PyTree
+
+from .. import _linear as linear
+from .._linear._kalman import smoothed_means
+
+
+def _times(x: Array) -> Array:
+    return jnp.arange(x.shape[0])
+
+
+def _shift(x: Float[Array, "T D"]) -> Float[Array, "T D"]:
+    # As `_parallel.shift` with a zero first row (kept here to avoid an import cycle).
+    return jnp.where((_times(x) == 0)[:, None], jnp.zeros((), x.dtype), jnp.roll(x, 1, axis=0))
+
+
+def frozen(
+    transition: linear.AbstractTransition, front: Int[Array, ""]
+) -> linear.AbstractTransition:
+    """`A_t` for `t > front`, zero before and where not finite (one fused select)."""
+    a = transition.elements()
+    free = _times(a) > front
+    free = free.reshape(free.shape + (1,) * (a.ndim - 1))
+    return transition.from_elements(jnp.where(free & jnp.isfinite(a), a, jnp.zeros((), a.dtype)))
+
+
+class AbstractDescent(eqx.Module):
+    """How the correction is made from the maps $A_t$, the residual and a step size."""
+
+    @abc.abstractmethod
+    def prepare(
+        self,
+        transition: linear.AbstractTransition,
+        r: Float[Array, "T D"],
+        front: Int[Array, ""],
+    ) -> PyTree[Array]:
+        """Everything the corrections at this iterate share (computed once per
+        linearisation, reused by every trial step size)."""
+
+    @abc.abstractmethod
+    def step(self, state: PyTree[Array], step_size: Float[Array, ""]) -> Float[Array, "T D"]:
+        """The correction for `step_size`."""
+
+    def model_residual(
+        self, state: PyTree[Array], r: Float[Array, "T D"], delta: Float[Array, "T D"]
+    ) -> Float[Array, "T D"]:
+        """The linear model's residual $r + \\Delta - A \\Delta_{\\text{prev}}$ at the
+        correction `delta` (for trust-region searches)."""
+        raise TypeError(f"{type(self).__name__} has no model for a trust-region search.")
+
+
+class NewtonDescent(AbstractDescent):
+    r"""The (quasi-)Newton correction $\Delta_t = A_t \Delta_{t-1} - r_t$, solved by one
+    associative scan, times the step size."""
+
+    def prepare(self, transition, r, front):
+        b = jnp.where((_times(r) >= front)[:, None], -r, jnp.zeros((), r.dtype))
+        return linear.solve(frozen(transition, front), b)
+
+    def step(self, state, step_size):
+        return step_size * state
+
+
+def kalman_transition(
+    transition: linear.AbstractTransition, size: int
+) -> linear.Dense | linear.Diagonal:
+    """`transition` as the dense or diagonal maps the Kalman smoother takes."""
+    if isinstance(transition, linear.Dense | linear.Diagonal):
+        return transition
+    if isinstance(transition, linear.Zero):
+        return linear.Diagonal(jnp.zeros((transition.length, size)))
+    if isinstance(transition, linear.Scalar):
+        scales = transition.scales
+        return linear.Diagonal(jnp.broadcast_to(scales[:, None], (scales.shape[0], size)))
+    return linear.Dense(transition.as_matrix(size))
+
+
+def lm_correction(
+    transition: linear.Dense | linear.Diagonal,
+    r: Float[Array, "T D"],
+    front: Int[Array, ""] | int,
+    damping: Float[Array, ""] | float,
+) -> Float[Array, "T D"]:
+    r"""The Levenberg-Marquardt correction with $\Delta_t = 0$ for $t < p$ and
+    $\Delta_p = -r_p$ fixed (`front = -1` fixes nothing), by the parallel Kalman smoother.
+
+    Minimises $\sum_{t > p} |r_t + \Delta_t - A_t \Delta_{t-1}|^2 + \lambda |\Delta_t|^2$
+    over $\Delta_t$, $t > p$, with $\lambda$ = `damping` > 0.
+
+    It is the posterior mean of the model $\Delta_t = A_t \Delta_{t-1} - r_t + w_t$,
+    $w_t \sim N(0, I)$, observed as $0 = \Delta_t + v_t$, $v_t \sim N(0, I / \lambda)$; the
+    known $\Delta_t$ are observed exactly (zero noise).
+    """
+    T, D = r.shape
+    times = _times(r)
+    free = times > front
+    transition = frozen(transition, front)
+    zero = jnp.zeros((), r.dtype)
+    fixed = jnp.where((times == front)[:, None], -r, zero)
+    b = jnp.where(free[:, None], transition.mv(_shift(fixed)) - r, zero)
+    noise = jnp.where(free, 1 / jnp.asarray(damping, r.dtype), zero)
+    if isinstance(transition, linear.Dense):
+        # One `Q` for all steps, not broadcast over time: the smoother then needs no
+        # shift of it (which, with time split over devices, XLA would gather whole).
+        eye = jnp.eye(D, dtype=r.dtype)
+        Q, R = eye, noise[:, None, None] * eye[None]
+    else:
+        Q, R = jnp.ones(D, r.dtype), jnp.broadcast_to(noise[:, None], (T, D))
+    delta = smoothed_means(transition, b, Q, jnp.zeros_like(r), R)
+    return jnp.where(free[:, None], delta, fixed)
+
+
+class LevenbergMarquardtDescent(AbstractDescent):
+    r"""The Levenberg-Marquardt correction with damping $\lambda = 1 / \text{step size}$,
+    by the parallel Kalman smoother (dense maps: a dense smoother; diagonal ones: an
+    elementwise one)."""
+
+    def prepare(self, transition, r, front):
+        return kalman_transition(transition, r.shape[1]), r, front
+
+    def step(self, state, step_size):
+        A, r, front = state
+        return lm_correction(A, r, front, 1 / step_size)
+
+    def model_residual(self, state, r, delta):
+        A, _, front = state
+        return r + delta - frozen(A, front).mv(_shift(delta))
