@@ -120,12 +120,12 @@ def demo(args: argparse.Namespace, start: float) -> int:
     verdict = _verdict(outcomes, ref_run, args.T)
     wall_s = time.perf_counter() - start
     if args.json:
-        report = dict(
+        report = _demo_report(
             T=args.T,
             hidden=args.hidden,
             dtype=dtype.name,
             budget_s=args.budget,
-            **env,
+            env=env,
             lax_scan=dict(compile_s=ref_compile, run_s=ref_run),
             rows=rows,
             verdict=verdict,
@@ -137,6 +137,32 @@ def demo(args: argparse.Namespace, start: float) -> int:
         print(f"\nVerdict: {verdict}")
     progress.line(f"finished in {wall_s:.3g} s")
     return 0
+
+
+def _demo_report(
+    *,
+    T: int,
+    hidden: int,
+    dtype: str,
+    budget_s: float,
+    env: dict,
+    lax_scan: dict,
+    rows: list[dict],
+    verdict: str,
+    wall_s: float,
+) -> dict:
+    """The JSON object of `parassm demo --json` (documented in docs/cli.md)."""
+    return dict(
+        T=T,
+        hidden=hidden,
+        dtype=dtype,
+        budget_s=budget_s,
+        **env,
+        lax_scan=lax_scan,
+        rows=rows,
+        verdict=verdict,
+        wall_s=wall_s,
+    )
 
 
 def _demo_row(o: Outcome, reference, ref_run: float) -> dict:

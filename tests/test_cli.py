@@ -19,6 +19,7 @@ import pytest
 from parassm import _cli, _cli_runner
 
 from .helpers import sequential
+from .test_docs import assert_same_keys, documented_json
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -432,6 +433,8 @@ def test_check_measures_what_evaluate_measures(capsys, tmp_path):
     measured, predicted = check["DEER"]["measured_steps"], report["predicted_steps"]["DEER"]
     assert measured / 2 <= predicted <= 2 * measured
     assert "--check: predicted steps" in err and "estimated run time" in err
+    documented = documented_json("docs/diagnostics.md")["check"]
+    assert_same_keys(documented, check, "check")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
