@@ -27,7 +27,7 @@ from _parassm_cli import (
 )
 
 from ._cli_runner import (
-    compile_solver,
+    compile_each,
     max_error,
     Outcome,
     Progress,
@@ -107,15 +107,13 @@ def demo(args: argparse.Namespace, start: float) -> int:
     solvers = _demo_solvers()
     n = len(solvers)
     labels = {name: Progress(f"parassm demo [{i + 1}/{n}]") for i, name in enumerate(solvers)}
-    compiled = [
-        compile_solver(name, solver, system.f, system.s0, xs, args.T, progress=labels[name])
-        for name, solver in solvers.items()
-    ]
-    outcomes = list(
-        run_in_turn(
-            compiled, deadline=deadline, repeats=args.repeats, progress=labels.__getitem__
-        ).values()
+    compiled, failed = compile_each(
+        solvers, system.f, system.s0, xs, args.T, progress=labels.__getitem__
     )
+    done = failed | run_in_turn(
+        compiled, deadline=deadline, repeats=args.repeats, progress=labels.__getitem__
+    )
+    outcomes = [done[name] for name in solvers]
     rows = [_demo_row(o, reference, ref_run) for o in outcomes]
     verdict = _verdict(outcomes, ref_run, args.T)
     wall_s = time.perf_counter() - start
@@ -231,7 +229,8 @@ def _demo_table(rows: list[dict], ref_compile: float, ref_run: float, repeats: i
         star = "*" if r["note"] else " "
         lines.append(
             f"{r['solver']:<23}{str(r['steps']) + mark:>7}  {r['status']:<8}"
-            f"{r['compile_s']:>10.3f}{r['run_s']:>10.4f}{_fmt(r['ratio'], '.2f'):>12}"
+            f"{_fmt(r['compile_s'], '.3f'):>10}{_fmt(r['run_s'], '.4f'):>10}"
+            f"{_fmt(r['ratio'], '.2f'):>12}"
             f"{_fmt(r['max_err'], '.1e'):>10}{star}"
         )
         if r["note"]:
@@ -452,15 +451,16 @@ def _run_check(f, s0, xs, T, diagnosis, deadline: float, progress: Progress) -> 
     """Run Sequential and the parallel solvers the diagnosis predicts (ELK excepted),
     cheapest predicted first, each within its share of what is left of the budget."""
     solvers = _check_solvers()
-    compiled = {
-        name: compile_solver(name, solver, f, s0, xs, T, progress=progress)
-        for name, solver in solvers.items()
-    }
-    seq = run_compiled(compiled.pop("Sequential"), deadline=deadline, repeats=1, progress=progress)
-    outcomes: dict[str, Outcome] = {"Sequential": seq}
+    compiled_list, outcomes = compile_each(solvers, f, s0, xs, T, progress=lambda n: progress)
+    compiled = {c.name: c for c in compiled_list}
+    if "Sequential" in compiled:
+        outcomes["Sequential"] = run_compiled(
+            compiled.pop("Sequential"), deadline=deadline, repeats=1, progress=progress
+        )
+    seq = outcomes["Sequential"]
     costs = diagnosis.costs
     predicted = diagnosis.predicted_steps
-    per_cost = seq.run_s / max(costs.get("Sequential", T), 1.0)
+    per_cost = (seq.run_s or math.nan) / max(costs.get("Sequential", T), 1.0)
     estimates = {n: costs.get(n, math.inf) * per_cost for n in compiled}
     order = sorted(compiled, key=lambda n: estimates[n])
     total = sum(estimates.values())
@@ -606,7 +606,7 @@ def _diagnose_table(report: dict, verbose: bool = False) -> str:
                 mark = "" if c["status"] == "ok" else "+"
                 row += (
                     f"{str(c['measured_steps']) + mark:>10}  {c['status']:<9}"
-                    f"{c['run_s']:>9.3g}  {_fmt(c['max_err'], '.1e'):>8}"
+                    f"{_fmt(c['run_s'], '.3g'):>9}  {_fmt(c['max_err'], '.1e'):>8}"
                 )
                 if c["note"]:
                     notes.append(f"  {name}: {c['note']}")
@@ -614,7 +614,8 @@ def _diagnose_table(report: dict, verbose: bool = False) -> str:
     if check:
         c = check["Sequential"]
         lines.append(
-            f"{'Sequential':<12}{'-':>10}{'-':>10}  {c['status']:<9}{c['run_s']:>9.3g}  {'-':>8}"
+            f"{'Sequential':<12}{'-':>10}{'-':>10}  {c['status']:<9}"
+            f"{_fmt(c['run_s'], '.3g'):>9}  {'-':>8}"
         )
     lines.append("")
     lines.append(

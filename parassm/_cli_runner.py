@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from _parassm_cli import one_line
 
 from . import AbstractSolver, evaluate, RESULTS, Sequential
 
@@ -53,7 +54,8 @@ class Outcome:
     """What running one solver gave.
 
     `status` is `"ok"` (successful), `"stopped"` (its time was spent first: `steps` and
-    `converged` are what it reached) or `"failed"` (`result` says why).
+    `converged` are what it reached) or `"failed"` (`result` says why: a `RESULTS`
+    name, or the error that compiling or running raised).
     """
 
     name: str
@@ -62,9 +64,9 @@ class Outcome:
     steps: int
     converged: int
     length: int
-    compile_s: float
+    compile_s: float | None  # None: compilation failed
     first_s: float  # the first run (warm-up), chunks included
-    run_s: float  # median of the timed runs after the warm-up, else `first_s`
+    run_s: float | None  # median of the timed runs after the warm-up, else `first_s`
     timed_runs: int
     value: Any = dataclasses.field(repr=False, default=None)
 
@@ -106,6 +108,14 @@ def seconds(s: float) -> str:
     if s < 7200:
         return f"{s / 60:.3g} min"
     return f"{s / 3600:.3g} h"
+
+
+def error_outcome(
+    name: str, length: int, error: Exception, compile_s: float | None = None
+) -> Outcome:
+    """A solver whose compilation or run raised (e.g. out of memory)."""
+    reason = f"{type(error).__name__}: {one_line(error)}"
+    return Outcome(name, "failed", reason, 0, 0, length, compile_s, 0.0, None, 0)
 
 
 def result_name(result) -> str:
@@ -158,7 +168,38 @@ def compile_solver(
     )
 
 
-def run_compiled(
+def compile_each(
+    solvers: dict[str, AbstractSolver],
+    f: Callable,
+    s0: Any,
+    xs: Any,
+    length: int,
+    *,
+    progress: Callable[[str], Progress],
+) -> tuple[list[Compiled], dict[str, Outcome]]:
+    """`compile_solver` for each; those that fail to compile are failed outcomes."""
+    compiled, failed = [], {}
+    for name, solver in solvers.items():
+        try:
+            c = compile_solver(name, solver, f, s0, xs, length, progress=progress(name))
+            compiled.append(c)
+        except Exception as e:
+            failed[name] = error_outcome(name, length, e)
+            progress(name).line(f"{name}: compilation failed: {failed[name].result}")
+    return compiled, failed
+
+
+def run_compiled(c: Compiled, *, progress: Progress, **kwargs) -> Outcome:
+    """`_run`, with an error (e.g. out of memory) reported as a failed outcome."""
+    try:
+        return _run(c, progress=progress, **kwargs)
+    except Exception as e:
+        outcome = error_outcome(c.name, c.length, e, c.compile_s)
+        progress.line(f"{c.name}: failed: {outcome.result}")
+        return outcome
+
+
+def _run(
     c: Compiled,
     *,
     deadline: float,
@@ -268,10 +309,12 @@ def run_in_turn(
 
 
 def max_error(value: Any, reference: Any, upto: int | None = None) -> float | None:
-    """The largest |value - reference| over the first `upto` steps (all by default)."""
+    """The largest |value - reference| over the first `upto` steps (all by default);
+    None if there is nothing to compare or the difference is not finite."""
     errors = []
     for a, b in zip(jtu.tree_leaves(value), jtu.tree_leaves(reference)):
         a, b = a[:upto], b[:upto]
         if a.size:
             errors.append(float(jnp.max(jnp.abs(a.astype(b.dtype) - b))))
-    return max(errors) if errors else None
+    error = max(errors) if errors else math.nan
+    return error if math.isfinite(error) else None

@@ -2,6 +2,7 @@
 budgeted solver runs, `parassm diagnose` (flags, JSON, --check, --plot, --model) and
 `parassm demo`."""
 
+import dataclasses
 import inspect
 import io
 import json
@@ -354,6 +355,35 @@ def test_budget_stops_cleanly_and_resumes():
     )
     assert resumed.status == "ok" and resumed.steps == steps
     np.testing.assert_allclose(resumed.value, reference, rtol=0, atol=1e-10)
+
+
+def test_a_solver_that_raises_is_a_failed_row_not_a_crash():
+    f, s0, xs = _contraction()
+    stream = io.StringIO()
+    compiled, failed = _cli_runner.compile_each(
+        {"Jacobi": parassm.Jacobi(), "bad": "not a solver"},
+        f,
+        s0,
+        xs,
+        120,
+        progress=lambda name: _cli_runner.Progress("test", stream=stream),
+    )
+    assert [c.name for c in compiled] == ["Jacobi"]
+    assert failed["bad"].status == "failed" and "TypeError" in failed["bad"].result
+
+    def out_of_memory(xs, init):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory\nmore")
+
+    broken = dataclasses.replace(compiled[0], program=out_of_memory)
+    outcome = _cli_runner.run_compiled(
+        broken,
+        deadline=time.perf_counter() + 60,
+        repeats=0,
+        progress=_cli_runner.Progress("test", stream=stream),
+    )
+    assert outcome.status == "failed" and outcome.run_s is None
+    assert outcome.result == "RuntimeError: RESOURCE_EXHAUSTED: out of memory"
+    assert "Jacobi: failed: RuntimeError" in stream.getvalue()
 
 
 def _outcome(name, status, run_s, steps=3):
