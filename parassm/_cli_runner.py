@@ -69,6 +69,7 @@ class Outcome:
     run_s: float | None  # median of the timed runs after the warm-up, else `first_s`
     timed_runs: int
     value: Any = dataclasses.field(repr=False, default=None)
+    residual: float | None = None  # the largest scaled residual (<= 1: converged)
 
     @property
     def ok(self) -> bool:
@@ -85,16 +86,19 @@ class Outcome:
             f"stopped after {self.first_s:.3g} s (its share of the budget) with "
             f"{self.converged}/{self.length} states converged"
         )
+        if self.residual is not None and math.isfinite(self.residual):
+            text += f", largest residual {self.residual:.2g}x the tolerance"
         per_step = self.first_s / max(self.steps, 1)
         if predicted is not None and predicted > self.steps:
             more = predicted - self.steps
             text += f"; predicted {predicted} steps in all: about {seconds(more * per_step)} more"
-        elif 0 < self.converged < self.length:
+        elif self.steps >= 4 * CHUNK and 0 < self.converged < self.length:
+            # Enough steps to see the converged prefix crawl forward.
             rate = self.converged / self.steps
             more = math.ceil((self.length - self.converged) / rate)
             text += (
-                f"; at {rate:.2g} states per step, about {more} more steps "
-                f"({seconds(more * per_step)})"
+                f"; if it keeps converging {rate:.2g} states per step, about {more} more "
+                f"steps ({seconds(more * per_step)})"
             )
         return text
 
@@ -261,6 +265,7 @@ def _run(
         run_s=statistics.median(runs) if runs else first_s,
         timed_runs=len(runs),
         value=sol.value,
+        residual=float(sol.stats["residual"]),
     )
     if status == "ok":
         progress.line(f"{name}: done: {steps} steps, {outcome.run_s:.3g} s per run")

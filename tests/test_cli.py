@@ -341,7 +341,8 @@ def test_budget_stops_cleanly_and_resumes():
     assert stopped.status == "stopped" and stopped.steps == 3
     assert stopped.converged < 120 and stopped.timed_runs == 0
     assert f"with {stopped.converged}/120 states converged" in stopped.note()
-    assert "more steps" in stopped.note()  # extrapolated from the rate so far
+    assert "x the tolerance" in stopped.note()
+    assert "more steps" not in stopped.note()  # too few steps to extrapolate a crawl
     assert "predicted 9 steps in all" in stopped.note(predicted=9)
     reference = sequential(f, s0, xs)
     k = stopped.converged
@@ -388,6 +389,11 @@ def test_a_solver_that_raises_is_a_failed_row_not_a_crash():
 
 def _outcome(name, status, run_s, steps=3):
     return _cli_runner.Outcome(name, status, "", steps, 0, 100, 1.0, run_s, run_s, 1)
+
+
+def test_stopped_note_extrapolates_a_crawl():
+    crawl = dataclasses.replace(_outcome("Picard", "stopped", 2.0, steps=200), converged=50)
+    assert "if it keeps converging 0.25 states per step, about 200 more steps" in crawl.note()
 
 
 def test_demo_verdict_names_the_fastest():
