@@ -519,7 +519,8 @@ REGIME_MEANING = {
     "predictable": "perturbations die out and the trial converged in few steps: parallel "
     "evaluation can pay off on wide hardware",
     "marginal": "neither clearly predictable nor chaotic: expect many Newton steps",
-    "unpredictable": "chaotic: parallel solvers need about T steps; evaluate sequentially",
+    "unpredictable": "the system is chaotic (LLE > 0): parallel solvers need about T "
+    "steps; evaluate sequentially",
 }
 
 
@@ -544,7 +545,7 @@ def _why(report: dict) -> str:
     if rec["solver"] != "Sequential":
         return f"predicted {1 / ratio:.3g}x cheaper than sequential evaluation on {hardware}"
     if report["regime"] == "unpredictable":
-        return "the system is unpredictable (see regime)"
+        return "the system is unpredictable"
     return (
         f"on {hardware} the cheapest parallel solver, {best}, is predicted to take "
         f"{ratio:.3g}x the time of sequential evaluation"
@@ -625,7 +626,12 @@ def _diagnose_table(report: dict, verbose: bool = False) -> str:
     if check:
         lines.append(
             "measured: steps --check took (N+ = stopped after N); run s: compilation "
-            "excluded; max err: largest |difference| from Sequential."
+            "excluded; max err: largest |difference| from Sequential"
+            + (
+                " (chaos amplifies the solvers' tolerance, so large differences are expected)."
+                if d["regime"] == "unpredictable"
+                else "."
+            )
         )
     lines += notes
     why = _why(d)

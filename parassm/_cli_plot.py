@@ -71,10 +71,7 @@ def plot(path: pathlib.Path, report: dict, lle_history) -> None:
             ax2.bar_label(
                 bar, [f"{c['measured_steps']}{'+' if stopped else ''}"], fontsize=7, padding=1
             )
-    ax2.axhline(T, color="gray", ls="--", lw=0.8)
-    ax2.text(
-        -0.45, T * 1.15, f"T = {T}: no solver needs more", va="bottom", fontsize=7, color="gray"
-    )
+    ax2.axhline(T, color="gray", ls="--", lw=0.8, label=f"T = {T}: no solver needs more")
     ax2.set_xticks(x, names)
     ax2.set_yscale("log")
     ax2.set_ylim(0.8, T * 40)
