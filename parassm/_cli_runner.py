@@ -86,8 +86,11 @@ class Outcome:
             f"stopped after {self.first_s:.3g} s (its share of the budget) with "
             f"{self.converged}/{self.length} states converged"
         )
-        if self.residual is not None and math.isfinite(self.residual):
-            text += f", largest residual {self.residual:.2g}x the tolerance"
+        if self.residual is not None:
+            if math.isfinite(self.residual):
+                text += f", largest residual {self.residual:.2g}x the tolerance"
+            else:
+                text += ", the residual of its unconverged steps overflows"
         per_step = self.first_s / max(self.steps, 1)
         if predicted is not None and predicted > self.steps:
             more = predicted - self.steps
