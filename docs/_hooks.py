@@ -197,17 +197,13 @@ def on_files(files, config):
 
 def cli_help() -> str:
     """The help of the `parassm` command and of each subcommand, as Markdown."""
-    import argparse
+    from _parassm_cli import make_parser
 
-    from parassm._cli import make_parser
-
-    parser = make_parser()
+    parser, subcommands = make_parser()
     parts = ["## `parassm`", "", "```text", parser.format_help().rstrip(), "```", ""]
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                parts += [f"## `parassm {name}`", "", "```text", sub.format_help().rstrip()]
-                parts += ["```", ""]
+    for name, sub in subcommands.items():
+        parts += [f"## `parassm {name}`", "", "```text", sub.format_help().rstrip()]
+        parts += ["```", ""]
     return "\n".join(parts)
 
 

@@ -1,17 +1,54 @@
-"""The `parassm` command."""
+"""The work of the `parassm` command: `parassm demo` and `parassm diagnose`.
+
+The command line is parsed and checked without JAX by the entry point, `_parassm_cli`
+(so that `--help` and usage errors answer at once); this module is imported only after
+that, and runs the JAX work.
+"""
 
 import argparse
-import ast
 import importlib.util
 import inspect
 import json
+import math
 import pathlib
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from _parassm_cli import (
+    CLIError,
+    main as main,
+    make_parser as make_parser,
+    one_line,
+    UsageError,
+)
+
+from ._cli_runner import (
+    compile_each,
+    max_error,
+    Outcome,
+    Progress,
+    run_compiled,
+    run_in_turn,
+    seconds as _seconds,
+)
+
+
+# -- parassm demo ---------------------------------------------------------------------------
+
+# How each demo solver is written in code, for the verdict.
+DEMO_CODE = {
+    "Sequential": "parassm.Sequential()",
+    "DEER": "parassm.DEER()",
+    "QuasiDEER": "parassm.QuasiDEER()",
+    "QuasiDEER(Hutchinson)": "parassm.QuasiDEER(parassm.HutchinsonDiagonal())",
+    "BlockQuasiDEER(4)": "parassm.BlockQuasiDEER(4)",
+    "Picard": "parassm.Picard()",
+    "Jacobi": "parassm.Jacobi()",
+}
 
 
 def _demo_solvers():
@@ -36,16 +73,27 @@ def _demo_solvers():
     }
 
 
-def demo(args: argparse.Namespace) -> int:
-    from . import evaluate, RESULTS
+def _enable_dtype(name: str):
+    if name == "float64":
+        jax.config.update("jax_enable_x64", True)
+    return jnp.dtype(name)
+
+
+def demo(args: argparse.Namespace, start: float) -> int:
     from ._timing import environment, measure
     from .systems import GRU
 
-    dtype = jnp.dtype(args.dtype)
-    if dtype == jnp.float64:
-        jax.config.update("jax_enable_x64", True)
+    deadline = start + args.budget
+    dtype = _enable_dtype(args.dtype)
     system = GRU(hidden_size=args.hidden, input_size=4, dtype=dtype)
     xs = system.inputs(args.T)
+    env = environment()
+    progress = Progress("parassm demo")
+    progress.line(
+        f"random GRU, hidden={args.hidden}, T={args.T}, {dtype.name}, on {env['backend']} "
+        f"({env['device']}), jax {env['jax_version']}; budget {args.budget:g} s, "
+        "compilation included"
+    )
 
     def sequential(xs):
         def step(s, x):
@@ -54,394 +102,545 @@ def demo(args: argparse.Namespace) -> int:
 
         return jax.lax.scan(step, system.s0, xs)[1]
 
-    reference, ref_compile, ref_run = measure(sequential, xs, repeats=args.repeats)
-    env = environment()
-    print(
-        f"parassm demo: random GRU, hidden={args.hidden}, T={args.T}, {dtype.name}, "
-        f"{env['backend']} ({env['device']}), jax {env['jax_version']}",
-        file=sys.stderr,
+    progress.line("lax.scan (the baseline): compiling and timing ...")
+    reference, ref_compile, ref_run = measure(sequential, xs, repeats=max(args.repeats, 1))
+    solvers = _demo_solvers()
+    n = len(solvers)
+    labels = {name: Progress(f"parassm demo [{i + 1}/{n}]") for i, name in enumerate(solvers)}
+    compiled, failed = compile_each(
+        solvers, system.f, system.s0, xs, args.T, progress=labels.__getitem__
     )
-    rows = []
-    for name, solver in _demo_solvers().items():
-
-        def run(xs, solver=solver):
-            return evaluate(system.f, system.s0, xs=xs, solver=solver, throw=False)
-
-        sol, compile_s, run_s = measure(run, xs, repeats=args.repeats)
-        rows.append(
-            dict(
-                solver=name,
-                steps=int(sol.stats["num_steps"]),
-                ok=bool(sol.result == RESULTS.successful),
-                compile_s=compile_s,
-                run_s=run_s,
-                ratio=run_s / ref_run,
-                max_err=float(jnp.max(jnp.abs(sol.value - reference))),
-            )
-        )
+    done = failed | run_in_turn(
+        compiled, deadline=deadline, repeats=args.repeats, progress=labels.__getitem__
+    )
+    outcomes = [done[name] for name in solvers]
+    rows = [_demo_row(o, reference, ref_run) for o in outcomes]
+    verdict = _verdict(outcomes, ref_run, args.T)
+    wall_s = time.perf_counter() - start
     if args.json:
-        print(json.dumps(dict(T=args.T, hidden=args.hidden, dtype=dtype.name, **env, rows=rows)))
-        return 0
-    header = f"{'solver':<24}{'steps':>7}{'ok':>5}{'compile s':>11}{'run s':>10}"
-    header += f"{'x lax.scan':>12}{'max err':>11}"
-    print(header)
-    print("-" * len(header))
-    print(
-        f"{'lax.scan':<24}{'-':>7}{'-':>5}{ref_compile:>11.3f}{ref_run:>10.4f}{1.0:>12.2f}"
-        f"{0.0:>11.1e}"
-    )
-    for r in rows:
-        print(
-            f"{r['solver']:<24}{r['steps']:>7}{('yes' if r['ok'] else 'NO'):>5}"
-            f"{r['compile_s']:>11.3f}{r['run_s']:>10.4f}{r['ratio']:>12.2f}{r['max_err']:>11.1e}"
+        report = _demo_report(
+            T=args.T,
+            hidden=args.hidden,
+            dtype=dtype.name,
+            budget_s=args.budget,
+            env=env,
+            lax_scan=dict(compile_s=ref_compile, run_s=ref_run),
+            rows=rows,
+            verdict=verdict,
+            wall_s=wall_s,
         )
-    print(
-        "\nratio > 1 means slower than lax.scan. On a CPU with few cores a parallel step "
-        "costs about as much as T sequential ones, so Sequential wins; the payoff of "
-        "parallel evaluation is on accelerators.",
-        file=sys.stderr,
-    )
+        print(json.dumps(report))
+    else:
+        print(_demo_table(rows, ref_compile, ref_run, args.repeats))
+        print(f"\nVerdict: {verdict}")
+    progress.line(f"finished in {wall_s:.3g} s")
     return 0
 
 
-class CLIError(Exception):
-    """A runtime failure with a one-line message (exit code 1)."""
-
-
-def _parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def _parse_params(parser: argparse.ArgumentParser, items: list[str]) -> dict:
-    params = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            parser.error(f"--param expects key=value with a Python identifier as key, got {item!r}")
-        params[key] = _parse_value(value)
-    return params
-
-
-def _system_params(cls) -> list[str]:
-    return [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "dtype")]
-
-
-def _build_system(parser, args, params, dtype):
-    from .systems import SYSTEMS
-
-    if args.system not in SYSTEMS:
-        parser.error(f"unknown system {args.system!r}; choose from {', '.join(sorted(SYSTEMS))}")
-    cls = SYSTEMS[args.system]
-    accepted = _system_params(cls)
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        parser.error(
-            f"system {args.system!r} has no parameter {', '.join(unknown)}; "
-            f"its parameters are: {', '.join(accepted)}"
-        )
-    try:
-        return cls(**params, dtype=dtype)
-    except (TypeError, ValueError) as e:
-        raise CLIError(f"cannot build system {args.system!r}: {_one_line(e)}") from None
-
-
-def _load_factory(spec: str):
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path or not name:
-        raise CLIError(f"--model expects path.py:factory, got {spec!r}")
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise CLIError(f"model file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location(f"_parassm_model_{file.stem}", file)
-    if module_spec is None or module_spec.loader is None:
-        raise CLIError(f"cannot import {path} (is it a Python file?)")
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        raise CLIError(f"importing {path} failed: {type(e).__name__}: {_one_line(e)}") from None
-    factory = getattr(module, name, None)
-    if factory is None or not callable(factory):
-        raise CLIError(f"{path} has no callable {name!r}")
-    return factory
-
-
-def _build_model(args, params, T, key):
-    """`(f, s0, xs, T, dt, label)` from `--model path.py:factory`."""
-    from .systems import AbstractSystem
-
-    factory = _load_factory(args.model)
-    try:
-        out = factory(**params)
-    except Exception as e:
-        raise CLIError(f"the factory {args.model} failed: {type(e).__name__}: {_one_line(e)}")
-    if isinstance(out, AbstractSystem) or (hasattr(out, "f") and hasattr(out, "s0")):
-        T = 1000 if T is None else T
-        xs = out.inputs(T, key) if hasattr(out, "inputs") else None
-        return out.f, out.s0, xs, T, getattr(out, "dt", None)
-    if not (isinstance(out, tuple | list) and len(out) == 3 and callable(out[0])):
-        raise CLIError(
-            f"the factory {args.model} must return (f, s0, xs) or a system object "
-            f"(with .f and .s0), got {type(out).__name__}"
-        )
-    f, s0, xs = out
-    if xs is not None:
-        lengths = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jtu.tree_leaves(xs)}
-        if None in lengths or len(lengths) != 1:
-            raise CLIError("shape mismatch: every leaf of xs needs the same leading time axis")
-        length = lengths.pop()
-        if T is not None and T != length:
-            raise CLIError(f"shape mismatch: --T {T} but the factory's xs has {length} steps")
-        T = length
-    elif T is None:
-        T = 1000
-    return f, s0, xs, T, None
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-def _check_solvers() -> dict:
-    from . import DEER, Jacobi, Picard, QuasiDEER
-
-    return {"DEER": DEER(), "QuasiDEER": QuasiDEER(), "Picard": Picard(), "Jacobi": Jacobi()}
-
-
-def _run_check(f, s0, xs, T, diagnosis) -> dict:
-    from . import evaluate, RESULTS, Sequential
-    from ._timing import measure
-
-    rows = {}
-    solvers = dict(Sequential=Sequential(), **_check_solvers())
-    for name, solver in solvers.items():
-        print(f"parassm diagnose: --check running {name} ...", file=sys.stderr)
-
-        def run(s0, xs, solver=solver):
-            return evaluate(f, s0, T, xs=xs, solver=solver, throw=False)
-
-        sol, compile_s, run_s = measure(run, s0, xs, repeats=1)
-        rows[name] = dict(
-            measured_steps=int(sol.stats["num_steps"]),
-            predicted_steps=diagnosis.predicted_steps.get(name),
-            success=bool(sol.result == RESULTS.successful),
-            compile_s=compile_s,
-            run_s=run_s,
-        )
-    return rows
-
-
-def _plot(path: str, diagnosis, check: dict | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    history = diagnosis.lle_history
-    ax1.plot(range(1, len(history) + 1), history)
-    ax1.axhline(0.0, color="gray", lw=0.8)
-    ax1.set_xlabel("steps")
-    ax1.set_ylabel("running LLE estimate (per step)")
-    ax1.set_title(f"LLE -> {diagnosis.lle:.4g} ({diagnosis.regime})")
-    names = list(diagnosis.predicted_steps)
-    xs = range(len(names))
-    ax2.bar(
-        [x - 0.2 for x in xs], [diagnosis.predicted_steps[n] for n in names], 0.4, label="predicted"
+def _demo_report(
+    *,
+    T: int,
+    hidden: int,
+    dtype: str,
+    budget_s: float,
+    env: dict,
+    lax_scan: dict,
+    rows: list[dict],
+    verdict: str,
+    wall_s: float,
+) -> dict:
+    """The JSON object of `parassm demo --json` (documented in docs/cli.md)."""
+    return dict(
+        T=T,
+        hidden=hidden,
+        dtype=dtype,
+        budget_s=budget_s,
+        **env,
+        lax_scan=lax_scan,
+        rows=rows,
+        verdict=verdict,
+        wall_s=wall_s,
     )
-    if check:
-        measured = [check[n]["measured_steps"] if n in check else 0 for n in names]
-        ax2.bar([x + 0.2 for x in xs], measured, 0.4, label="measured")
-    ax2.set_xticks(list(xs), names)
-    ax2.set_yscale("log")
-    ax2.set_ylabel("Newton steps")
-    ax2.set_title(f"T = {diagnosis.length}; recommended: {diagnosis.recommended_name}")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
-def _table(report: dict) -> str:
-    d = report
-    b = d["bounds"]
+def _demo_row(o: Outcome, reference, ref_run: float) -> dict:
+    upto = None if o.ok else o.converged
+    return dict(
+        solver=o.name,
+        status=o.status,
+        steps=o.steps,
+        ok=o.ok,
+        converged=o.converged,
+        compile_s=o.compile_s,
+        run_s=o.run_s,
+        timed_runs=o.timed_runs,
+        ratio=o.run_s / ref_run if o.ok else None,
+        max_err=max_error(o.value, reference, upto),
+        note=_demo_note(o),
+    )
 
-    def num(x, fmt=".4g"):
-        return "n/a" if x is None else format(x, fmt)
 
-    lines = [
-        f"parassm diagnose: {d['inputs']['label']}, T={d['T']}, D={d['state_size']}, "
-        f"{d['inputs']['dtype']}",
-        "",
-        f"{'largest Lyapunov exponent':<34}{num(d['lle']['per_step'])} per step"
-        + (
-            f" ({num(d['lle']['per_unit_time'])} per unit time)"
-            if d["lle"]["per_unit_time"] is not None
-            else ""
-        ),
-        f"{'overshoot a':<34}{num(d['overshoot'])}",
-        f"{'-log mu (mu = sigma_min^2)':<34}[{num(b['neg_log_mu_lower'])}, "
-        f"{num(b['neg_log_mu_upper'])}]",
-        f"{'regime':<34}{d['regime']}",
-        "",
-        f"{'solver':<14}{'predicted':>10}{'proxy':>8}"
-        + (f"{'measured':>10}{'ok':>5}{'run s':>10}" if d.get("check") else ""),
-    ]
-    proxy = d["proxy"]["steps"]
-    from .diagnostics._predict import TRIAL_OF
+def _demo_note(o: Outcome) -> str:
+    if o.status == "stopped":
+        return o.note() + "; max err over its converged states"
+    if o.ok and o.timed_runs == 0:
+        return "run s is the warm-up run: no time was left to repeat it"
+    return o.note()
 
-    for name, steps in d["predicted_steps"].items():
-        p = proxy.get(TRIAL_OF[name], -1)
-        row = f"{name:<14}{steps:>10}{(str(p) if p >= 0 else '>' + str(d['proxy']['length'])):>8}"
-        if d.get("check") and name in d["check"]:
-            c = d["check"][name]
-            row += f"{c['measured_steps']:>10}{('yes' if c['success'] else 'NO'):>5}"
-            row += f"{c['run_s']:>10.4f}"
-        lines.append(row)
-    if d.get("check"):
-        c = d["check"]["Sequential"]
-        lines.append(f"{'Sequential':<14}{'-':>10}{'-':>8}{'-':>10}{'yes':>5}{c['run_s']:>10.4f}")
+
+def _verdict(outcomes: list[Outcome], ref_run: float, length: int) -> str:
+    parallel = [o for o in outcomes if o.ok and o.name != "Sequential"]
+    if not parallel:
+        return (
+            "use parassm.Sequential() (lax.scan) here: no parallel solver finished within "
+            "the budget."
+        )
+    best = min(parallel, key=lambda o: o.run_s)
+    if best.run_s < ref_run:
+        return (
+            f"use {DEMO_CODE[best.name]} for sequences like this one: it was "
+            f"{ref_run / best.run_s:.3g}x faster than lax.scan at T={length} on this machine."
+        )
+    return (
+        f"use parassm.Sequential() (lax.scan) on this machine: the fastest parallel solver, "
+        f"{best.name}, took {best.run_s / ref_run:.3g}x as long as lax.scan. Parallel "
+        "evaluation pays on wide hardware (GPU/TPU); parassm.Auto(), the default solver, "
+        "decides per machine."
+    )
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _demo_table(rows: list[dict], ref_compile: float, ref_run: float, repeats: int) -> str:
+    head = (
+        f"{'solver':<23}{'steps':>7}  {'result':<8}{'compile s':>10}{'run s':>10}"
+        f"{'x lax.scan':>12}{'max err':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    lines.append(
+        f"{'lax.scan':<23}{'-':>7}  {'ok':<8}{ref_compile:>10.3f}{ref_run:>10.4f}"
+        f"{1.0:>12.2f}{'0':>10}"
+    )
+    notes = []
+    for r in rows:
+        mark = "" if r["status"] == "ok" else "+"
+        star = "*" if r["note"] else " "
+        lines.append(
+            f"{r['solver']:<23}{str(r['steps']) + mark:>7}  {r['status']:<8}"
+            f"{_fmt(r['compile_s'], '.3f'):>10}{_fmt(r['run_s'], '.4f'):>10}"
+            f"{_fmt(r['ratio'], '.2f'):>12}"
+            f"{_fmt(r['max_err'], '.1e'):>10}{star}"
+        )
+        if r["note"]:
+            notes.append(f"  * {r['solver']}: {r['note']}")
     lines += [
         "",
-        f"{'recommended':<34}{d['recommendation']['solver']} "
-        f"(hardware: {d['recommendation']['hardware']['name']})",
-        f"{'diagnosis time':<34}{d['timings']['diagnose_s']:.3f} s (including compilation)",
+        f"steps: Newton iterations (0 for Sequential; N+ = stopped after N). run s: median "
+        f"of up to {repeats} runs after a warm-up, compilation excluded. x lax.scan: run s "
+        "/ lax.scan's run s (> 1 is slower). max err: largest |difference| from lax.scan.",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + notes)
 
 
-def diagnose(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    params = _parse_params(parser, args.param)
-    if args.T is not None and args.T < 1:
-        parser.error(f"--T must be at least 1, got {args.T}")
-    if args.proxy_length is not None and args.proxy_length < 1:
-        parser.error(f"--proxy-length must be at least 1, got {args.proxy_length}")
-    if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise CLIError(
-                "--plot needs matplotlib, which is not installed: "
-                "pip install matplotlib (or parassm[plot])"
-            ) from None
-    if args.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    dtype = jnp.dtype(args.dtype)
-    key = jax.random.key(args.seed)
-    if args.system is not None:
-        system = _build_system(parser, args, params, dtype)
-        T = 1000 if args.T is None else args.T
-        f, s0, xs, dt = system.f, system.s0, system.inputs(T, key), system.dt
-        label = args.system
+# -- parassm diagnose: the problem -----------------------------------------------------------
+
+
+def _label(name: str, params: dict) -> str:
+    if not params:
+        return name
+    return f"{name} ({', '.join(f'{k}={v!r}' for k, v in params.items())})"
+
+
+def _build_system(args: argparse.Namespace, dtype, key):
+    from .systems import get
+
+    try:
+        system = get(args.system, **args.params, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"cannot build system {args.system!r}: {one_line(e)}") from None
+    T = 1000 if args.T is None else args.T
+    return system.f, system.s0, system.inputs(T, key), T, system.dt
+
+
+def _import_model(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(f"_parassm_model_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise UsageError(f"--model: cannot import {path} (is it a Python file?)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # so that dataclasses and pickling in it work
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise CLIError(f"importing {path} failed: {type(e).__name__}: {one_line(e)}") from None
+    return module
+
+
+def _time_length(xs) -> int | None:
+    lengths = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jtu.tree_leaves(xs)}
+    if not lengths:
+        return None
+    if None in lengths or len(lengths) != 1:
+        raise CLIError("shape mismatch: every leaf of xs needs the same leading time axis")
+    return lengths.pop()
+
+
+def _build_model(args: argparse.Namespace, dtype, key, progress: Progress):
+    """`(f, s0, xs, T, dt)` from `--model path.py:factory`."""
+    spec = args.model_spec
+    module = _import_model(spec.path)
+    factory = getattr(module, spec.factory, None)
+    if factory is None:
+        raise UsageError(f"--model: {spec.path} has no function {spec.factory!r}")
+    if not callable(factory):
+        raise UsageError(f"--model: {spec.factory!r} in {spec.path} is not a function")
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    kwargs = dict(args.params)
+    if parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        for key_name in kwargs:
+            if key_name not in parameters:
+                raise UsageError(
+                    f"--param {key_name}: {spec.factory}() has no parameter {key_name!r} "
+                    f"(its parameters: {', '.join(parameters) or 'none'})"
+                )
+    T_given = "T" in parameters
+    if T_given:
+        if args.T is not None:
+            kwargs["T"] = args.T
+        elif parameters["T"].default is inspect.Parameter.empty:
+            kwargs["T"] = 1000
+    if "dtype" in parameters:
+        kwargs["dtype"] = dtype
+    if "key" in parameters:
+        kwargs["key"] = key
+    name = f"{spec.path.name}:{spec.factory}"
+    try:
+        out = factory(**kwargs)
+    except Exception as e:
+        raise CLIError(f"the factory {name} failed: {type(e).__name__}: {one_line(e)}") from None
+    if isinstance(out, tuple | list) and len(out) == 3 and callable(out[0]):
+        f, s0, xs = out
+        dt = None
+    elif hasattr(out, "f") and hasattr(out, "s0") and callable(out.f):
+        f, s0, dt = out.f, out.s0, getattr(out, "dt", None)
+        T = kwargs.get("T", 1000 if args.T is None else args.T)
+        xs = out.inputs(T, key) if hasattr(out, "inputs") else None
     else:
-        f, s0, xs, T, dt = _build_model(args, params, args.T, key)
-        label = args.model
+        raise CLIError(
+            f"the factory {name} must return (f, s0, xs) or a system object (with .f and "
+            f".s0), got {type(out).__name__}"
+        )
+    length = _time_length(xs) if xs is not None else None
+    if length is None:
+        T = kwargs.get("T", 1000 if args.T is None else args.T)
+    elif T_given and "T" in kwargs and kwargs["T"] != length:
+        raise CLIError(
+            f"shape mismatch: the factory {name} was given T={kwargs['T']} but its xs has "
+            f"{length} steps"
+        )
+    elif args.T is not None and args.T < length:
+        progress.line(f"using the first {args.T} of the {length} steps of the factory's xs")
+        xs = jtu.tree_map(lambda x: x[: args.T], xs)
+        T = args.T
+    elif args.T is not None and args.T > length:
+        raise CLIError(
+            f"shape mismatch: --T {args.T} but the factory's xs has only {length} steps; "
+            "declare a parameter T in the factory so that --T reaches it"
+        )
+    else:
+        T = length
+    return f, s0, xs, T, dt
+
+
+# -- parassm diagnose: the command -------------------------------------------------------------
+
+
+def diagnose(args: argparse.Namespace, start: float) -> int:
     from . import diagnose as run_diagnosis
     from ._timing import environment
 
-    print(f"parassm diagnose: {label}, T={T} ...", file=sys.stderr)
-    start = time.perf_counter()
+    deadline = start + args.budget
+    dtype = _enable_dtype(args.dtype)
+    key = jax.random.key(args.seed)
+    progress = Progress("parassm diagnose")
+    if args.system is not None:
+        f, s0, xs, T, dt = _build_system(args, dtype, key)
+        label = _label(args.system, args.params)
+    else:
+        f, s0, xs, T, dt = _build_model(args, dtype, key, progress)
+        label = _label(f"{args.model_spec.path.name}:{args.model_spec.factory}", args.params)
+    size = sum(math.prod(jnp.shape(leaf)) for leaf in jtu.tree_leaves(s0))
+    proxy = min(T, 128 if args.proxy_length is None else args.proxy_length)
+    progress.line(
+        f"{label}, T={T}, D={size}, {dtype.name}: diagnosing (the Lyapunov exponent on the "
+        f"first {min(T, 512)} steps, a trial of each solver on the first {proxy}; the cost "
+        "does not grow with T) ..."
+    )
+    begin = time.perf_counter()
     try:
         diagnosis = run_diagnosis(f, s0, T, xs=xs, dt=dt, proxy_length=args.proxy_length)
     except (TypeError, ValueError) as e:
-        raise CLIError(f"the model does not fit: {_one_line(e)}") from None
-    elapsed = time.perf_counter() - start
-    check = _run_check(f, s0, xs, T, diagnosis) if args.check else None
+        raise CLIError(f"the model does not fit: {one_line(e)}") from None
+    diagnose_s = time.perf_counter() - begin
+    progress.line(
+        f"diagnosed in {diagnose_s:.3g} s: {diagnosis.regime}, recommended "
+        f"{diagnosis.recommended_name}"
+    )
+    check = None
+    if args.check:
+        check = _run_check(f, s0, xs, T, diagnosis, deadline, progress)
     report = dict(
         schema="parassm.diagnose/1",
         inputs=dict(
             label=label,
             system=args.system,
             model=args.model,
-            params=params,
+            params=args.params,
             T=T,
             dtype=args.dtype,
             seed=args.seed,
+            budget_s=args.budget,
         ),
-        **diagnosis.to_dict(),
+        **_clean(diagnosis.to_dict()),
         check=check,
-        timings=dict(diagnose_s=elapsed),
+        timings=dict(diagnose_s=diagnose_s, total_s=time.perf_counter() - start),
         **environment(),
     )
-    if args.plot is not None:
-        _plot(args.plot, diagnosis, check)
-        print(f"parassm diagnose: wrote {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, default=str))
     else:
-        print(_table(report))
+        print(_diagnose_table(report, verbose=args.verbose))
+    sys.stdout.flush()
+    if args.plot_path is not None:
+        from ._cli_plot import plot
+
+        try:
+            plot(args.plot_path, report, diagnosis.lle_history)
+        except OSError as e:
+            raise CLIError(f"--plot: cannot write {args.plot}: {one_line(e)}") from None
+        progress.line(f"wrote {args.plot}")
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="parassm",
-        description="Parallel evaluation of nonlinear recurrences, and whether it pays off.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="evaluate a random GRU with every solver and compare")
-    p.add_argument("--T", type=int, default=10_000, help="sequence length (default 10000)")
-    p.add_argument("--hidden", type=int, default=16, help="GRU hidden size (default 16)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead")
-    p.set_defaults(func=demo)
-
-    p = sub.add_parser(
-        "diagnose",
-        help="predict whether parallel evaluation of a system will pay off",
-        description=(
-            "Estimate the largest Lyapunov exponent, the conditioning of the parallel "
-            "problem and the Newton steps each solver will need, and recommend a solver. "
-            "Data go to stdout, progress to stderr. Exit status: 0 when the diagnosis ran "
-            "(whatever the verdict), 2 for usage errors, 1 for runtime failures."
-        ),
-    )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--system", metavar="NAME", help="a system of parassm.systems")
-    source.add_argument(
-        "--model",
-        metavar="PATH.py:FACTORY",
-        help="a factory returning (f, s0, xs) or a system object",
-    )
-    p.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a parameter of the system or factory (repeatable); VALUE is a Python literal",
-    )
-    p.add_argument("--T", type=int, default=None, help="sequence length (default 1000)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
-    p.add_argument("--proxy-length", type=int, default=None, help="length of the trial prefix")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead")
-    p.add_argument("--plot", metavar="FILE.png", help="plot LLE convergence and steps")
-    p.add_argument(
-        "--check", action="store_true", help="also run the solvers: measured vs predicted"
-    )
-    p.set_defaults(func=diagnose)
-    return parser
+def _clean(x: Any) -> Any:
+    """-0.0 written as 0.0 (a bound that is exactly zero has no sign)."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, float) and x == 0.0:
+        return 0.0
+    return x
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    if args.func is demo:
-        return demo(args)
-    try:
-        return args.func(args, parser)
-    except CLIError as e:
-        print(f"parassm {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # a failure inside the user's model or the library
-        print(f"parassm {args.command}: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
-        return 1
+def _check_solvers() -> dict:
+    from . import DEER, Jacobi, Picard, QuasiDEER, Sequential
+
+    return {
+        "Sequential": Sequential(),
+        "DEER": DEER(),
+        "QuasiDEER": QuasiDEER(),
+        "Picard": Picard(),
+        "Jacobi": Jacobi(),
+    }
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _run_check(f, s0, xs, T, diagnosis, deadline: float, progress: Progress) -> dict:
+    """Run Sequential and the parallel solvers the diagnosis predicts (ELK excepted),
+    cheapest predicted first, each within its share of what is left of the budget."""
+    solvers = _check_solvers()
+    compiled_list, outcomes = compile_each(solvers, f, s0, xs, T, progress=lambda n: progress)
+    compiled = {c.name: c for c in compiled_list}
+    if "Sequential" in compiled:
+        outcomes["Sequential"] = run_compiled(
+            compiled.pop("Sequential"), deadline=deadline, repeats=1, progress=progress
+        )
+    seq = outcomes["Sequential"]
+    costs = diagnosis.costs
+    predicted = diagnosis.predicted_steps
+    per_cost = (seq.run_s or math.nan) / max(costs.get("Sequential", T), 1.0)
+    estimates = {n: costs.get(n, math.inf) * per_cost for n in compiled}
+    order = sorted(compiled, key=lambda n: estimates[n])
+    total = sum(estimates.values())
+    left = max(deadline - time.perf_counter(), 0.0)
+    progress.line(
+        "--check: predicted steps "
+        + ", ".join(f"{n} {predicted.get(n, '?')}" for n in order)
+        + f"; estimated run time about {_seconds(total)} (cost model); {_seconds(left)} "
+        "of the budget left"
+        + ("" if total < left else ", so the slowest solvers will be stopped early")
+    )
+
+    def eta(name: str):
+        def report(per_step: float, converged: int) -> None:
+            steps = predicted.get(name)
+            if steps is not None:
+                progress.line(
+                    f"{name}: {per_step:.3g} s per step; {steps} predicted steps take about "
+                    f"{_seconds(steps * per_step)}"
+                )
+
+        return report
+
+    outcomes |= run_in_turn(
+        [compiled[n] for n in order],
+        deadline=deadline,
+        repeats=1,
+        progress=lambda name: progress,
+        on_first_chunk=eta,
+        predicted=predicted,
+    )
+    check = {}
+    for name in ["Sequential"] + [n for n in predicted if n in outcomes]:
+        o = outcomes[name]
+        check[name] = dict(
+            measured_steps=o.steps,
+            predicted_steps=predicted.get(name),
+            success=o.ok,
+            status=o.status,
+            converged_prefix=o.converged,
+            compile_s=o.compile_s,
+            run_s=o.run_s,
+            max_err=None if name == "Sequential" else _error_vs(o, seq),
+            note=o.note(predicted.get(name)),
+        )
+    return check
+
+
+def _error_vs(o: Outcome, seq: Outcome) -> float | None:
+    if not seq.ok:
+        return None
+    return max_error(o.value, seq.value, None if o.ok else o.converged)
+
+
+REGIME_MEANING = {
+    "predictable": "perturbations die out and the trial converged in few steps: parallel "
+    "evaluation can pay off on wide hardware",
+    "marginal": "neither clearly predictable nor chaotic: expect many Newton steps",
+    "unpredictable": "the system is chaotic (LLE > 0): parallel solvers need about T "
+    "steps; evaluate sequentially",
+}
+
+
+def _pow(log_x: float | None) -> str:
+    """`e^log_x`, readable whatever its size."""
+    if log_x is None:
+        return "n/a"
+    if log_x > -700:
+        return format(math.exp(log_x), ".3g")
+    return f"1e{log_x / math.log(10):.0f}"
+
+
+def _why(report: dict) -> str:
+    rec = report["recommendation"]
+    costs = {k: v for k, v in rec["costs"].items() if v is not None}
+    hardware = rec["hardware"]["name"]
+    parallel = {k: v for k, v in costs.items() if k != "Sequential"}
+    if not parallel or "Sequential" not in costs:
+        return ""
+    best = min(parallel, key=lambda k: parallel[k])
+    ratio = parallel[best] / costs["Sequential"]
+    if rec["solver"] != "Sequential":
+        return f"predicted {1 / ratio:.3g}x cheaper than sequential evaluation on {hardware}"
+    if report["regime"] == "unpredictable":
+        return "the system is unpredictable"
+    return (
+        f"on {hardware} the cheapest parallel solver, {best}, is predicted to take "
+        f"{ratio:.3g}x the time of sequential evaluation"
+    )
+
+
+def _diagnose_table(report: dict, verbose: bool = False) -> str:
+    d = report
+    lle = d["lle"]
+    per_step = lle["per_step"]
+    lines = [
+        f"parassm diagnose: {d['inputs']['label']}, T={d['T']}, D={d['state_size']}, "
+        f"{d['inputs']['dtype']}",
+        "",
+    ]
+    if per_step is None:
+        lines.append(f"{'largest Lyapunov exponent':<27}not finite")
+    else:
+        text = f"{per_step:.4g} per step"
+        if lle["per_unit_time"] is not None:
+            text += f" ({lle['per_unit_time']:.4g} per unit time)"
+        factor = math.exp(min(per_step, 700.0))
+        verb = "shrink" if per_step < 0 else "grow"
+        text += f": perturbations {verb} by a factor {factor:.3g} per step"
+        lines.append(f"{'largest Lyapunov exponent':<27}{text}")
+    lines.append(f"{'regime':<27}{d['regime']}: {REGIME_MEANING[d['regime']]}")
+    if verbose:
+        b = d["bounds"]
+        trial = d["proxy"]["steps"]
+        lines += [
+            f"{'overshoot':<27}{_fmt(d['overshoot'], '.4g')}: transient growth of "
+            "perturbations beyond the LLE's rate (1 = none)",
+            f"{'sigma_min bounds':<27}[{_pow(b['log_sigma_min_lower'])}, "
+            f"{_pow(b['log_sigma_min_upper'])}]: smallest singular value of the residual "
+            "Jacobian (1 = well conditioned; small = Newton's errors amplified by up to "
+            "1/sigma_min)",
+            f"{'trial steps':<27}"
+            + ", ".join(f"{n} {s if s >= 0 else 'not converged'}" for n, s in trial.items())
+            + f" (on the first {d['proxy']['length']} steps)",
+        ]
+    check = d.get("check")
+    lines.append("")
+    head = f"{'solver':<12}{'predicted':>10}"
+    if check:
+        head += f"{'measured':>10}  {'result':<9}{'run s':>9}  {'max err':>8}"
+    lines += [head, "-" * max(len(head), 40)]
+    notes = []
+    for name, steps in d["predicted_steps"].items():
+        row = f"{name:<12}{steps:>10}"
+        if check:
+            c = check.get(name)
+            if c is None:
+                row += f"{'-':>10}  {'not run':<9}{'-':>9}  {'-':>8}"
+                notes.append(
+                    f"  {name}: not run by --check (slow to compile and run); its "
+                    "prediction is DEER's trial"
+                )
+            else:
+                mark = "" if c["status"] == "ok" else "+"
+                row += (
+                    f"{str(c['measured_steps']) + mark:>10}  {c['status']:<9}"
+                    f"{_fmt(c['run_s'], '.3g'):>9}  {_fmt(c['max_err'], '.1e'):>8}"
+                )
+                if c["note"]:
+                    notes.append(f"  {name}: {c['note']}")
+        lines.append(row)
+    if check:
+        c = check["Sequential"]
+        lines.append(
+            f"{'Sequential':<12}{'-':>10}{'-':>10}  {c['status']:<9}"
+            f"{_fmt(c['run_s'], '.3g'):>9}  {'-':>8}"
+        )
+    lines.append("")
+    lines.append(
+        f"predicted: Newton steps for T={d['T']}, extrapolated from a trial on the first "
+        f"{d['proxy']['length']} steps (at most T)."
+    )
+    if check:
+        lines.append(
+            "measured: steps --check took (N+ = stopped after N); run s: compilation "
+            "excluded; max err: largest |difference| from Sequential"
+            + (
+                " (chaos amplifies the solvers' tolerance, so large differences are expected)."
+                if d["regime"] == "unpredictable"
+                else "."
+            )
+        )
+    lines += notes
+    why = _why(d)
+    lines += [
+        "",
+        f"{'recommended':<27}{d['recommendation']['solver']}" + (f" ({why})" if why else ""),
+        f"{'diagnosis time':<27}{d['timings']['diagnose_s']:.3g} s (including compilation)",
+    ]
+    return "\n".join(lines)
+
+
+COMMANDS = {"demo": demo, "diagnose": diagnose}

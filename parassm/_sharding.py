@@ -158,7 +158,7 @@ class Sharded(AbstractSolver):
     !!! example
 
         ```python
-        mesh = jax.make_mesh((4,), ("seq",))
+        mesh = jax.make_mesh((4,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
         solver = parassm.Sharded(parassm.QuasiDEER(), mesh)
         sol = parassm.evaluate(f, s0, xs=xs, solver=solver)
         ```

@@ -193,7 +193,7 @@ class Diagnosis(eqx.Module):
     - `regime`: `"predictable"` (LLE < 0 and the trial converges in few steps),
         `"unpredictable"` (LLE > 0 and either $\lambda T > 5$, so the conditioning
         degrades like $e^{\lambda T}$, or the Newton-type solvers are predicted to need
-        at least `T / 2` steps) or `"marginal"` (anything else, including contracting
+        at least `T / 4` steps) or `"marginal"` (anything else, including contracting
         but strongly nonlinear or non-smooth maps whose trial crawls).
     - `predicted_steps`: solver name -> predicted Newton steps for length `T`
         (between 1 and `T`).
