@@ -11,7 +11,7 @@ class RESULTS(eqx.Enumeration):
     under `jit` and `vmap`.
     """
 
-    successful = ""
+    successful = "The evaluation converged: every step's residual met the tolerance."
     max_steps_reached = (
         "The parallel solver did not converge within `max_steps` iterations: the "
         "residual `s_t - f(s_{t-1}, x_t)` is still above the tolerance. The system may "
