@@ -24,7 +24,12 @@ from ._solvers._search import (
 )
 from ._solvers.auto import Auto as Auto
 from ._solvers.block import BlockQuasiDEER as BlockQuasiDEER
-from ._solvers.deer import DEER as DEER
+from ._solvers.deer import (
+    AbstractJacobian as AbstractJacobian,
+    DEER as DEER,
+    ExactJacobian as ExactJacobian,
+    FunctionJacobian as FunctionJacobian,
+)
 from ._solvers.elk import ELK as ELK, QuasiELK as QuasiELK
 from ._solvers.jacobi import Jacobi as Jacobi
 from ._solvers.picard import Picard as Picard

@@ -1,7 +1,60 @@
+import abc
+from collections.abc import Callable
+
+import equinox as eqx
+from jaxtyping import Array, Float
+
 from .. import _linear as linear
 from . import _jacobian as jacobian
-from ._parallel import AbstractNewtonSolver
+from ._parallel import AbstractNewtonSolver, Problem
 from ._search import AbstractSearch, Undamped
+
+
+class AbstractJacobian(eqx.Module):
+    r"""How [`parassm.DEER`][] and [`parassm.ELK`][] obtain the Jacobians
+    $J_t = \partial f / \partial s (s_{t-1}, x_t)$ (and the values $f(s_{t-1}, x_t)$)."""
+
+    @abc.abstractmethod
+    def __call__(
+        self, problem: Problem, s_prev: Float[Array, "T D"], iteration: Array
+    ) -> tuple[Float[Array, "T D"], Float[Array, "T D D"]]:
+        """`(f(s_{t-1}, x_t), J_t)` for every step, at the previous states `s_prev`, on
+        the flattened state."""
+
+
+class ExactJacobian(AbstractJacobian):
+    """The Jacobians by forward-mode differentiation: `D` JVPs per step, vectorised
+    over the columns and over time, with the values from the same pass. Works for any
+    `f`."""
+
+    def __call__(self, problem, s_prev, iteration):
+        return jacobian.value_and_dense(problem.fn, s_prev, problem.xs)
+
+
+class FunctionJacobian(AbstractJacobian):
+    r"""A closed-form Jacobian you supply: `fn(state, x)` returns the `(D, D)` matrix
+    $\partial f / \partial s$ at `(state, x)` on the flattened state (the leaves of the
+    state, raveled and concatenated in PyTree order).
+
+    For cells with structure this avoids the `D` JVPs per step: the Jacobian of a GRU
+    or LSTM cell is a diagonal plus row-scaled copies of its recurrent weights,
+    `O(D^2)` per step where the JVPs cost `O(D^3)`. [`parassm.nn.ParallelRNN`][] uses
+    the closed forms of `equinox.nn.GRUCell` and `equinox.nn.LSTMCell` automatically.
+
+    **Arguments:**
+
+    - `fn`: the Jacobian function, called like the step function `f(state, x)`.
+    """
+
+    fn: Callable
+
+    def __call__(self, problem, s_prev, iteration):
+        fs = jacobian.over_time(problem.fn, problem.xs)(s_prev)
+
+        def jac(s, x):
+            return self.fn(problem.unravel(s), x)
+
+        return fs, jacobian.over_time(jac, problem.xs)(s_prev).astype(s_prev.dtype)
 
 
 class DEER(AbstractNewtonSolver):
@@ -25,6 +78,9 @@ class DEER(AbstractNewtonSolver):
         means `rtol = eps ** 0.7` of the state's dtype (about `1.4e-5` in float32,
         `1.1e-11` in float64) and `atol = 0`: the test is invariant to the scale of
         the state.
+    - `jacobian`: how to get the Jacobians: [`parassm.ExactJacobian`][] (default;
+        `D` JVPs per step) or [`parassm.FunctionJacobian`][] (a closed form you
+        supply).
     - `search`: how far to move along each Newton correction:
         [`parassm.Undamped`][] (default, the full step) or [`parassm.Backtracking`][]
         (a merit line search, for strongly nonlinear systems). See also
@@ -42,10 +98,11 @@ class DEER(AbstractNewtonSolver):
         ```
     """
 
+    jacobian: AbstractJacobian = ExactJacobian()
     rtol: float | None = None
     atol: float | None = None
     search: AbstractSearch = Undamped()
 
     def linearise(self, problem, s_prev, iteration):
-        fs, J = jacobian.value_and_dense(problem.fn, s_prev, problem.xs)
+        fs, J = self.jacobian(problem, s_prev, iteration)
         return fs, linear.Dense(J)

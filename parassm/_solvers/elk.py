@@ -13,9 +13,9 @@ search ([`parassm.TrustRegion`][] by default).
 """
 
 from .. import _linear as linear
-from . import _jacobian as jacobian
 from ._parallel import AbstractLevenbergMarquardtSolver
 from ._search import AbstractSearch, TrustRegion
+from .deer import AbstractJacobian, ExactJacobian
 from .quasi_deer import AbstractDiagonal, ExactDiagonal
 
 
@@ -40,6 +40,7 @@ class ELK(AbstractLevenbergMarquardtSolver):
     - `search`: how the damping $\lambda$ is chosen: [`parassm.TrustRegion`][]
         (default; adaptive), [`parassm.FixedDamping`][] (a constant) or
         [`parassm.Backtracking`][] (halving `1 / lambda` until the merit decreases).
+    - `jacobian`: as for [`parassm.DEER`][].
     - `rtol`, `atol`: as for [`parassm.DEER`][].
 
     `Solution.stats` gains `damping` (the final $\lambda$) and `num_trials` (smoother
@@ -65,11 +66,12 @@ class ELK(AbstractLevenbergMarquardtSolver):
     """
 
     search: AbstractSearch = TrustRegion()
+    jacobian: AbstractJacobian = ExactJacobian()
     rtol: float | None = None
     atol: float | None = None
 
     def linearise(self, problem, s_prev, iteration):
-        fs, J = jacobian.value_and_dense(problem.fn, s_prev, problem.xs)
+        fs, J = self.jacobian(problem, s_prev, iteration)
         return fs, linear.Dense(J)
 
 

@@ -1,0 +1,64 @@
+"""Closed-form cell Jacobians (parassm.nn) against forward-mode differentiation, and
+the solvers that take them (FunctionJacobian, FunctionDiagonal) against lax.scan."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import parassm
+import pytest
+from jax.flatten_util import ravel_pytree
+from parassm.nn._cells import cell_derivatives
+
+from .helpers import sequential
+
+
+def _cell(kind, use_bias, dtype, D=5, n_in=3):
+    make = eqx.nn.GRUCell if kind == "gru" else eqx.nn.LSTMCell
+    cell = make(n_in, D, use_bias=use_bias, dtype=dtype, key=jr.key(0))
+    h = jr.normal(jr.key(1), (D,), dtype)
+    state = h if kind == "gru" else (h, jr.normal(jr.key(2), (D,), dtype))
+    return cell, state, jr.normal(jr.key(3), (n_in,), dtype)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_closed_forms_match_forward_mode(kind, use_bias, dtype):
+    cell, state, x = _cell(kind, use_bias, dtype)
+    diagonal, jacobian = cell_derivatives(cell)
+    flat, unravel = ravel_pytree(state)
+    expected = jax.jacfwd(lambda v: ravel_pytree(cell(x, unravel(v)))[0])(flat)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-14
+    J = jacobian(state, x)
+    assert J.dtype == dtype and J.shape == expected.shape
+    np.testing.assert_allclose(J, expected, atol=tol)
+    np.testing.assert_allclose(ravel_pytree(diagonal(state, x))[0], jnp.diag(expected), atol=tol)
+
+
+def test_unknown_cell_has_no_closed_form():
+    assert cell_derivatives(lambda x, h: jnp.tanh(h + x)) is None
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_solvers_with_closed_forms_match_scan(kind, dtype):
+    cell, state, _ = _cell(kind, True, dtype, D=4)
+    xs = jr.normal(jr.key(4), (80, 3), dtype)
+    zero = jax.tree_util.tree_map(jnp.zeros_like, state)
+    diagonal, jacobian = cell_derivatives(cell)
+
+    def f(s, x):
+        return cell(x, s)
+
+    expected = sequential(f, zero, xs)
+    tol = 1e-4 if dtype == jnp.float32 else 1e-9
+    for solver in (
+        parassm.DEER(parassm.FunctionJacobian(jacobian)),
+        parassm.QuasiDEER(parassm.FunctionDiagonal(diagonal)),
+        parassm.ELK(jacobian=parassm.FunctionJacobian(jacobian)),
+    ):
+        sol = parassm.evaluate(f, zero, xs=xs, solver=solver)
+        for a, b in zip(jax.tree_util.tree_leaves(sol.value), jax.tree_util.tree_leaves(expected)):
+            np.testing.assert_allclose(a, b, atol=tol, rtol=tol)
