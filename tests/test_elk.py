@@ -126,57 +126,84 @@ def test_large_fixed_damping_moves_slowly():
     assert tree_max_abs_diff(sol.value, sequential(cell, s0, xs)) < 1e-9
 
 
-def test_trust_region_adapts_and_converges():
+def test_trust_region_starts_undamped():
+    # On an easy (contracting) problem every Newton step is accepted: the damping stays
+    # at its floor, where the step is the undamped (causal) one, and (quasi-)ELK takes
+    # at most the (quasi-)DEER iterations.
     cell, s0, xs = _cell()
-    sol = parassm.evaluate(cell, s0, xs=xs, solver=parassm.QuasiELK())
-    assert sol.result == parassm.RESULTS.successful
-    assert tree_max_abs_diff(sol.value, sequential(cell, s0, xs)) < 1e-9
-    # The damping shrank from its initial value on this easy (contracting) problem.
-    assert float(sol.stats["damping"]) < parassm.TrustRegion().initial_damping
-    assert int(sol.stats["num_trials"]) >= int(sol.stats["num_steps"])
+    for elk, deer in [(parassm.QuasiELK(), parassm.QuasiDEER()), (parassm.ELK(), parassm.DEER())]:
+        sol = parassm.evaluate(cell, s0, xs=xs, solver=elk)
+        assert sol.result == parassm.RESULTS.successful
+        assert tree_max_abs_diff(sol.value, sequential(cell, s0, xs)) < 1e-9
+        assert float(sol.stats["damping"]) == pytest.approx(parassm.TrustRegion().min_damping)
+        ref = parassm.evaluate(cell, s0, xs=xs, solver=deer)
+        assert int(sol.stats["num_steps"]) <= int(ref.stats["num_steps"])
 
 
-def _trial(merit, trial_merit, predicted, front, trial_front):
+def _trial(
+    merit, trial_merit, predicted, front, trial_front, worst=1.0, trial_worst=1.0, rejections=0
+):
     return Trial(
         merit=jnp.array(merit),
         trial_merit=jnp.array(trial_merit),
+        worst=jnp.array(worst),
+        trial_worst=jnp.array(trial_worst),
         front=jnp.array(front),
         trial_front=jnp.array(trial_front),
+        rejections=jnp.array(rejections),
         predicted_merit=lambda: jnp.array(predicted),
     )
 
 
 def test_trust_region_rule():
-    tr = parassm.TrustRegion()
-    step = jnp.array(1 / 1e-3)  # the step size is 1 / lambda
+    tr = parassm.TrustRegion(max_trials=4)
+    lam = 1e-3
+    state = jnp.array(lam)
 
-    def update(*trial):
-        accept, step_size, _ = tr.update(None, step, _trial(*trial))
-        return bool(accept), float(1 / step_size)
+    def update(*trial, **kw):
+        accept, step_size, damping = tr.update(state, jnp.array(1 / lam), _trial(*trial, **kw))
+        return bool(accept), float(step_size), float(damping)
 
     # Merit decreased (ratio 0.5): accept and shrink lambda.
-    assert update(1.0, 0.5, 0.0, 3, 4) == (True, pytest.approx(1e-4))
+    assert update(1.0, 0.5, 0.0, 3, 4) == (True, pytest.approx(1e4), pytest.approx(1e-4))
     # Merit increased, front not extended: reject and grow.
-    assert update(1.0, 4.0, 0.0, 3, 4) == (False, pytest.approx(2e-3))
+    assert update(1.0, 4.0, 0.0, 3, 4) == (False, pytest.approx(1e2), pytest.approx(1e-2))
+    # The merit decreased but one step got worse than the worst was: reject.
+    assert update(1.0, 0.5, 0.0, 3, 4, trial_worst=2.0)[0] is False
     # Merit increased but the converged front moved beyond `p + 1`: accept, keep lambda.
-    assert update(1.0, 4.0, 0.0, 3, 6) == (True, pytest.approx(1e-3))
+    assert update(1.0, 4.0, 0.0, 3, 6) == (True, pytest.approx(1e3), pytest.approx(1e-3))
     # A non-finite merit is still rejected unless the front moved.
     assert update(1.0, jnp.inf, 0.0, 3, 4)[0] is False
+    # After `max_trials - 2` rejections in a row the next trial is the Jacobi step.
+    assert update(1.0, 4.0, 0.0, 3, 4, rejections=2)[:2] == (False, 0.0)
+    # At the floor the step is undamped (step size inf: the causal Newton scan).
+    accept, step_size, damping = tr.update(
+        jnp.array(tr.min_damping), jnp.array(jnp.inf), _trial(1.0, 0.1, 0.0, 3, 4)
+    )
+    assert bool(accept) and float(step_size) == np.inf
+    assert float(damping) == pytest.approx(tr.min_damping)
 
 
 def test_backtracking_rule():
-    bt = parassm.Backtracking(shrink=0.5, decrease=1e-4)
+    bt = parassm.Backtracking(shrink=0.5, decrease=1e-4, max_backtracks=3)
 
-    def update(step, *trial):
-        accept, step_size, _ = bt.update(None, jnp.array(step), _trial(*trial))
+    def update(step, *trial, **kw):
+        accept, step_size, _ = bt.update(None, jnp.array(step), _trial(*trial, **kw))
         return bool(accept), float(step_size)
 
     # Sufficient decrease: accept, and the next trial starts from the full step.
-    assert update(0.5, 1.0, 0.9, 0.0, 3, 4) == (True, 1.0)
-    # No decrease: reject and halve.
-    assert update(0.5, 1.0, 1.0, 0.0, 3, 4) == (False, 0.25)
+    assert update(1.0, 1.0, 0.9, 0.0, 3, 4) == (True, 1.0)
+    # No decrease: reject, and move towards the Jacobi step: 0.5, 0.25, then 0.
+    assert update(1.0, 1.0, 1.0, 0.0, 3, 4) == (False, 0.5)
+    assert update(0.5, 1.0, 1.0, 0.0, 3, 4, rejections=1) == (False, 0.25)
+    assert update(0.25, 1.0, 1.0, 0.0, 3, 4, rejections=2) == (False, 0.0)
     # No decrease, but the converged front moved beyond `p + 1`: accept.
-    assert update(0.5, 1.0, 2.0, 0.0, 3, 5) == (True, 1.0)
+    assert update(1.0, 1.0, 2.0, 0.0, 3, 5) == (True, 1.0)
+    # The default: the Newton step, then the Jacobi step.
+    accept, step_size, _ = parassm.Backtracking().update(
+        None, jnp.array(1.0), _trial(1.0, 2.0, 0.0, 3, 4)
+    )
+    assert not bool(accept) and float(step_size) == 0.0
 
 
 @pytest.mark.slow
@@ -216,6 +243,10 @@ def test_validation():
         parassm.TrustRegion(initial_damping=0.0)
     with pytest.raises(ValueError, match="shrink"):
         parassm.Backtracking(shrink=1.5)
+    with pytest.raises(ValueError, match="max_backtracks"):
+        parassm.Backtracking(max_backtracks=0)
+    with pytest.raises(ValueError, match="max_trials"):
+        parassm.TrustRegion(max_trials=1)
     with pytest.raises(ValueError, match="rtol"):
         parassm.ELK(rtol=-1.0)
 

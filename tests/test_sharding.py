@@ -137,7 +137,9 @@ def _collectives(solver, T, n=4, D=3):
     [
         (parassm.QuasiDEER(), 1),
         (parassm.DEER(), 1),
-        (parassm.ELK(), 2),
+        # ELK's trust region: the undamped (Newton) scan at the damping floor and
+        # the Kalman smoother's filter and smoother scans otherwise.
+        (parassm.ELK(), 3),
     ],
     ids=["QuasiDEER", "DEER", "ELK"],
 )
@@ -146,8 +148,9 @@ def test_collectives_per_newton_step_do_not_grow_with_T(solver, scans):
     small, large = _collectives(solver, 64, n, D), _collectives(solver, 1024, n, D)
     # The same collectives, of the same sizes, whatever T.
     assert small == large, (small, large)
-    # One all-gather of the packed per-shard summaries per scan (the Kalman smoother
-    # of ELK has two scans: filter and smoother); `n` rows of O(D^2) numbers each.
+    # One all-gather of the packed per-shard summaries per scan in the program (the
+    # Kalman smoother of ELK has two: filter and smoother); `n` rows of O(D^2) numbers
+    # each.
     # And one of `n` scalars: the running size of the trajectory in the convergence
     # test (a running maximum over time).
     gathers = [shape for op, shape in small if op == "all-gather"]

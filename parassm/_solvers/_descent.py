@@ -4,18 +4,25 @@ Both descents fix the converged prefix ($\Delta_t = 0$ for $t < p$) and the exac
 sequential step at the first unconverged step ($\Delta_p = -r_p$), and use the maps
 $A_t$ for $t > p$ only (zero elsewhere, and where not finite).
 
-- [`parassm.NewtonDescent`][]: the (quasi-)Newton correction
-  $\Delta_t = A_t \Delta_{t-1} - r_t$, one associative scan per linearisation, scaled by
-  the step size.
-- [`parassm.LevenbergMarquardtDescent`][]: the minimiser of
+- `NewtonDescent`: the (quasi-)Newton correction $\Delta^N_t = A_t \Delta^N_{t-1} - r_t$,
+  one associative scan per linearisation. A step size $\tau \in [0, 1]$ moves from it
+  towards the Jacobi correction $\Delta^J = -r$ (the trial $f(s_{t-1}, x_t)$, the
+  fixed-point step): $\tau \Delta^N + (1 - \tau) \Delta^J$.
+- `LevenbergMarquardtDescent`: the minimiser of
   $\sum_{t > p} |r_t + \Delta_t - A_t \Delta_{t-1}|^2 + \lambda |\Delta_t|^2$ with
   $\lambda = 1 / \text{step size}$, the posterior mean of a linear-Gaussian model, by the
   parallel Kalman smoother.
+
+For both, step size zero is the Jacobi correction: the searches' last resort. On a
+contracting system it is always a safe step (it converges whatever the iterate, at the
+rate of the contraction), where a Newton-type correction linearised far from the
+solution can blow up.
 """
 
 import abc
 
 import equinox as eqx
+import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PyTree
 
@@ -56,8 +63,17 @@ class AbstractDescent(eqx.Module):
         linearisation, reused by every trial step size)."""
 
     @abc.abstractmethod
-    def step(self, state: PyTree[Array], step_size: Float[Array, ""]) -> Float[Array, "T D"]:
-        """The correction for `step_size`."""
+    def step(
+        self,
+        state: PyTree[Array],
+        step_size: Float[Array, ""],
+        S: Float[Array, "T D"],
+        fs: Float[Array, "T D"],
+    ) -> Float[Array, "T D"]:
+        """The trial iterate for `step_size`, from the accepted iterate `S` and its
+        values `fs` (the loop then applies its safeguards). Step size zero is the
+        Jacobi trial `fs` itself: computed as such, not as `S + (fs - S)`, which would
+        cancel catastrophically where `S` has blown up."""
 
     def model_residual(
         self, state: PyTree[Array], r: Float[Array, "T D"], delta: Float[Array, "T D"]
@@ -67,16 +83,25 @@ class AbstractDescent(eqx.Module):
         raise TypeError(f"{type(self).__name__} has no model for a trust-region search.")
 
 
+def jacobi_correction(r: Float[Array, "T D"], front: Int[Array, ""]) -> Float[Array, "T D"]:
+    """`-r_t` from the first unconverged step on, zero before."""
+    return jnp.where((_times(r) >= front)[:, None], -r, jnp.zeros((), r.dtype))
+
+
 class NewtonDescent(AbstractDescent):
-    r"""The (quasi-)Newton correction $\Delta_t = A_t \Delta_{t-1} - r_t$, solved by one
-    associative scan, times the step size."""
+    r"""The (quasi-)Newton correction $\Delta^N_t = A_t \Delta^N_{t-1} - r_t$, solved by
+    one associative scan; a step size $\tau < 1$ gives
+    $\tau \Delta^N + (1 - \tau) \Delta^J$, towards the Jacobi correction $\Delta^J = -r$."""
 
     def prepare(self, transition, r, front):
-        b = jnp.where((_times(r) >= front)[:, None], -r, jnp.zeros((), r.dtype))
-        return linear.solve(frozen(transition, front), b)
+        return linear.solve(frozen(transition, front), jacobi_correction(r, front))
 
-    def step(self, state, step_size):
-        return step_size * state
+    def step(self, state, step_size, S, fs):
+        newton = S + state
+        mixed = step_size * newton + (1 - step_size) * fs
+        # The end points exactly: `0 * inf` would poison the Jacobi trial where the
+        # Newton one overflowed.
+        return jnp.where(step_size == 1, newton, jnp.where(step_size == 0, fs, mixed))
 
 
 def kalman_transition(
@@ -136,9 +161,17 @@ class LevenbergMarquardtDescent(AbstractDescent):
     def prepare(self, transition, r, front):
         return kalman_transition(transition, r.shape[1]), r, front
 
-    def step(self, state, step_size):
+    def step(self, state, step_size, S, fs):
         A, r, front = state
-        return lm_correction(A, r, front, 1 / step_size)
+
+        def newton():
+            return S + linear.solve(frozen(A, front), jacobi_correction(r, front))
+
+        def damped():
+            return S + lm_correction(A, r, front, 1 / step_size)
+
+        branch = jnp.where(step_size == 0, 0, jnp.where(jnp.isinf(step_size), 1, 2))
+        return lax.switch(branch, [lambda: fs, newton, damped])
 
     def model_residual(self, state, r, delta):
         A, _, front = state

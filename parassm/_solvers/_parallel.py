@@ -107,9 +107,9 @@ def measure(
     rtol: float,
     atol: float,
     scale: Float[Array, ""] | float = 0.0,
-) -> tuple[Float[Array, " T"], Int[Array, ""]]:
-    """The loop's convergence test: `(err, p)`, the scaled residual of every step and
-    the first step with `err > 1` (`T` if none).
+) -> tuple[Float[Array, " T"], Int[Array, ""], Float[Array, " T"]]:
+    """The loop's convergence test: `(err, p, tol)`, the scaled residual of every step,
+    the first step with `err > 1` (`T` if none), and every step's tolerance.
 
     Step `t` is converged when
 
@@ -140,26 +140,31 @@ def measure(
     tol = atol + rtol * jnp.maximum(jnp.maximum(f_norm, nu), scale)
     err = jnp.where(r_norm == 0, zero, r_norm / tol)
     err = jnp.where(jnp.isnan(err), jnp.inf, err)
-    return err, first_true(~(err <= 1))
+    return err, first_true(~(err <= 1)), tol
 
 
-def merit(S: Float[Array, "T D"], fs: Float[Array, "T D"]) -> Float[Array, ""]:
-    """`1/2 sum_t |s_t - f(s_{t-1}, x_t)|^2`; `inf` if that is not finite."""
-    r = S - fs
-    value = 0.5 * jnp.sum(r * r)
-    return jnp.where(jnp.isfinite(value), value, jnp.asarray(jnp.inf, value.dtype))
+# Scaled residuals above this count as this much in the merit: a blown-up or non-finite
+# trial has a finite merit, comparable with another blown-up one.
+MERIT_CAP = 1e10
+
+
+def merit(err: Float[Array, " T"]) -> Float[Array, ""]:
+    """`1/2 sum_t min(err_t, cap)^2`: the merit on the scaled residuals of `measure`,
+    invariant to the scale of the state, and finite whatever the iterate."""
+    capped = jnp.minimum(err, jnp.asarray(MERIT_CAP, err.dtype))
+    return 0.5 * jnp.sum(capped * capped)
 
 
 def safeguarded(
-    S: Float[Array, "T D"], fs: Float[Array, "T D"], delta: Float[Array, "T D"], p: Array
+    S: Float[Array, "T D"], fs: Float[Array, "T D"], trial: Float[Array, "T D"], p: Array
 ) -> Float[Array, "T D"]:
-    """The trial `S + delta` with the loop's safeguards: the converged prefix stays
-    frozen, step `p` becomes exactly `f(s_{p-1}, x_p)`, and the steps from the first
-    non-finite one on keep their previous values."""
+    """`trial` with the loop's safeguards: the converged prefix stays frozen, step `p`
+    becomes exactly `f(s_{p-1}, x_p)`, and the steps from the first non-finite one on
+    keep their previous values."""
     times = jnp.arange(S.shape[0])[:, None]
     # Exactly `f(s_{p-1})` at the first unconverged step: the correction form would
     # cancel catastrophically if the old guess there were huge.
-    trial = jnp.where(times < p, S, jnp.where(times == p, fs, S + delta))
+    trial = jnp.where(times < p, S, jnp.where(times == p, fs, trial))
     # The first non-finite step by a reduction, not a cumulative sum (which XLA gathers
     # whole when time is split over devices).
     first_bad = first_true(~jnp.all(jnp.isfinite(trial), axis=1))
@@ -168,12 +173,16 @@ def safeguarded(
 
 class Trial(eqx.Module):
     """What a search sees of one trial: the merits and converged fronts of the accepted
-    iterate and of the trial, and the descent's prediction of the trial's merit."""
+    iterate and of the trial, their largest scaled residuals (`worst`), how many trials
+    in a row were rejected before it, and the descent's prediction of the trial's merit."""
 
     merit: Float[Array, ""]
     trial_merit: Float[Array, ""]
+    worst: Float[Array, ""]
+    trial_worst: Float[Array, ""]
     front: Int[Array, ""]
     trial_front: Int[Array, ""]
+    rejections: Int[Array, ""]
     predicted_merit: Callable[[], Float[Array, ""]] = eqx.field(static=True)
 
 
@@ -184,6 +193,7 @@ class LoopState(eqx.Module):
     S: Float[Array, "T D"]
     fs: Float[Array, "T D"]
     err: Float[Array, " T"]
+    tol: Float[Array, " T"]
     front: Int[Array, ""]
     num_steps: Int[Array, ""]
     num_trials: Int[Array, ""]
@@ -318,8 +328,8 @@ def newton_loop(
 
     def evaluate(S, iteration):
         fs, transition = solver.linearise(problem, problem.previous(S), iteration)
-        err, front = measure(S, fs, rtol, atol, scale)
-        return fs, transition, err, front
+        err, front, tol = measure(S, fs, rtol, atol, scale)
+        return fs, transition, err, front, tol
 
     if search_state is None:
         search_state = search.init(dtype)
@@ -328,7 +338,7 @@ def newton_loop(
     if search.may_reject:
 
         def prepared(S):
-            fs, transition, _, front = evaluate(S, 0)
+            fs, transition, _, front, _ = evaluate(S, 0)
             return descent.prepare(transition, S - fs, front)
 
         shapes = eqx.filter_eval_shape(prepared, S0)
@@ -338,6 +348,7 @@ def newton_loop(
         S=S0,
         fs=S0,
         err=jnp.full(T, inf),
+        tol=jnp.ones(T, dtype),
         front=jnp.array(0),
         num_steps=jnp.array(-1),
         num_trials=jnp.array(-1),
@@ -355,20 +366,23 @@ def newton_loop(
     def body(carry):
         state, record = carry
         trial = state.trial
-        trial_fs, A, trial_err, trial_front = evaluate(trial, state.num_trials + 1)
+        trial_fs, A, trial_err, trial_front, trial_tol = evaluate(trial, state.num_trials + 1)
         first = state.num_steps < 0
         if search.may_reject:
 
             def predicted_merit():
                 r = state.S - state.fs
                 model = descent.model_residual(state.descent_state, r, trial - state.S)
-                return 0.5 * jnp.sum(model * model)
+                return merit(jnp.max(jnp.abs(model), axis=1) / state.tol)
 
             info = Trial(
-                merit=merit(state.S, state.fs),
-                trial_merit=merit(trial, trial_fs),
+                merit=merit(state.err),
+                trial_merit=merit(trial_err),
+                worst=jnp.max(state.err),
+                trial_worst=jnp.max(trial_err),
                 front=state.front,
                 trial_front=trial_front,
+                rejections=state.rejections,
                 predicted_merit=predicted_merit,
             )
             accept, step_size, search_state = search.update(
@@ -402,8 +416,8 @@ def newton_loop(
                 )
             else:
                 descent_state = descent.prepare(A, S - fs, front)
-            delta = descent.step(descent_state, step_size)
-            return safeguarded(S, fs, delta, front), descent_state
+            trial = descent.step(descent_state, step_size, S, fs)
+            return safeguarded(S, fs, trial, front), descent_state
 
         if search.may_reject:
             next_, descent_state = lax.cond(done, lambda: (S, state.descent_state), next_trial)
@@ -413,6 +427,7 @@ def newton_loop(
             S=S,
             fs=fs,
             err=keep(trial_err, state.err),
+            tol=keep(trial_tol, state.tol),
             front=front,
             num_steps=num_steps,
             num_trials=state.num_trials + 1,

@@ -7,7 +7,7 @@ from jaxtyping import Array, Float
 from .. import _linear as linear
 from . import _jacobian as jacobian
 from ._parallel import AbstractNewtonSolver, Problem
-from ._search import AbstractSearch, Undamped
+from ._search import AbstractSearch, Backtracking
 
 
 class AbstractJacobian(eqx.Module):
@@ -81,10 +81,10 @@ class DEER(AbstractNewtonSolver):
     - `jacobian`: how to get the Jacobians: [`parassm.ExactJacobian`][] (default;
         `D` JVPs per step) or [`parassm.FunctionJacobian`][] (a closed form you
         supply).
-    - `search`: how far to move along each Newton correction:
-        [`parassm.Undamped`][] (default, the full step) or [`parassm.Backtracking`][]
-        (a merit line search, for strongly nonlinear systems). See also
-        [`parassm.ELK`][].
+    - `search`: which trial steps to take: [`parassm.Backtracking`][] (default: the
+        Newton step when it makes progress, else back towards the Jacobi step; costs
+        nothing when Newton works) or [`parassm.Undamped`][] (always the full Newton
+        step, the original DEER). See also [`parassm.ELK`][].
 
     ??? cite "References"
 
@@ -101,7 +101,7 @@ class DEER(AbstractNewtonSolver):
     jacobian: AbstractJacobian = ExactJacobian()
     rtol: float | None = None
     atol: float | None = None
-    search: AbstractSearch = Undamped()
+    search: AbstractSearch = Backtracking()
 
     def linearise(self, problem, s_prev, iteration):
         fs, J = self.jacobian(problem, s_prev, iteration)

@@ -11,7 +11,7 @@ from jaxtyping import Array, Float
 from .. import _linear as linear
 from . import _jacobian as jacobian
 from ._parallel import AbstractNewtonSolver, Problem
-from ._search import AbstractSearch, Undamped
+from ._search import AbstractSearch, Backtracking
 
 
 class AbstractDiagonal(eqx.Module):
@@ -130,7 +130,7 @@ class QuasiDEER(AbstractNewtonSolver):
     diagonal: AbstractDiagonal = ExactDiagonal()
     rtol: float | None = None
     atol: float | None = None
-    search: AbstractSearch = Undamped()
+    search: AbstractSearch = Backtracking()
 
     def linearise(self, problem, s_prev, iteration):
         fs, diagonal = self.diagonal(problem, s_prev, iteration)

@@ -107,11 +107,12 @@ class SlidingWindow(AbstractSolver):
         S, _, num_steps, num_trials, search, _ = lax.while_loop(cond, body, carry)
         # The whole trajectory measured once more: the result and the statistics.
         fs = Problem(flat.fn, flat.unravel, xs, flat.s0, T).evaluate(S)
-        err, front = measure(S, fs, *solver.tolerances(S.dtype))
+        err, front, tol = measure(S, fs, *solver.tolerances(S.dtype))
         final = LoopState(
             S=S,
             fs=fs,
             err=err,
+            tol=tol,
             front=front,
             num_steps=num_steps,
             num_trials=num_trials,

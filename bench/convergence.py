@@ -1,0 +1,300 @@
+"""Newton steps of every parallel solver on a zoo of predictable systems (and chaotic
+controls), from the default guess and from a random one.
+
+    python -m bench.convergence                      # quick: T = 1e3, float32
+    python -m bench.convergence --profile full       # T in {1e3, 1e4}, float32 and float64
+    python -m bench.convergence --cases logistic --solvers DEER,ELK
+
+The claim under test (issue 14): on every predictable system (largest Lyapunov
+exponent < 0, estimated sequentially here) the default parallel solver converges in a
+handful of Newton steps whatever the initial guess, and ELK / quasi-ELK are never much
+slower than DEER. Each row is one (system, dtype, T, guess); each solver column shows
+the accepted Newton steps (`!` if the result was not `successful`). Errors are
+against `lax.scan` in the same process, relative to the size of the trajectory.
+`DEER-U` is DEER with the undamped search (the product before globalization).
+
+The random guess is uniform in the box spanned by the true trajectory (per state
+dimension): a guess of the right size with no information about the dynamics.
+
+JSON rows (with the git sha) go to `bench/results/convergence_<backend>.json`.
+"""
+
+import argparse
+import json
+import math
+import time
+
+import equinox as eqx
+import jax
+
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import jax.random as jr  # noqa: E402
+import numpy as np  # noqa: E402
+import parassm  # noqa: E402
+from parassm import systems as S  # noqa: E402
+
+from .core import git_sha, RESULTS_DIR  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------
+# Systems the package does not ship (small, written here).
+
+
+class Ikeda(S.AbstractSystem):
+    """The Ikeda map; a stable fixed point for small `u` (chaotic near `u = 0.9`)."""
+
+    u: jax.Array
+    s0: jax.Array
+    dt: None = None
+    name = "ikeda"
+
+    def __init__(self, u, s0=(0.1, 0.1), dtype=None):
+        self.u = jnp.asarray(u, dtype)
+        self.s0 = jnp.asarray(s0, dtype)
+
+    def f(self, s, x):
+        x1, y1 = s[0], s[1]
+        t = 0.4 - 6.0 / (1 + x1**2 + y1**2)
+        c, sn = jnp.cos(t), jnp.sin(t)
+        return jnp.stack([1 + self.u * (x1 * c - y1 * sn), self.u * (x1 * sn + y1 * c)])
+
+
+class RK4Flow(S.AbstractSystem):
+    """One RK4 step of a damped flow: `pendulum` (theta'' = -sin theta - c theta') or
+    `duffing` (x'' = -c x' + x - x^3, two wells)."""
+
+    kind: str = eqx.field(static=True)
+    c: jax.Array
+    dt: float
+    s0: jax.Array
+    name = "flow"
+
+    def __init__(self, kind, c=0.5, dt=0.05, s0=(2.0, 0.0), dtype=None):
+        self.kind = kind
+        self.c = jnp.asarray(c, dtype)
+        self.dt = dt
+        self.s0 = jnp.asarray(s0, dtype)
+
+    def field(self, s):
+        q, p = s[0], s[1]
+        force = -jnp.sin(q) if self.kind == "pendulum" else q - q**3
+        return jnp.stack([p, force - self.c * p])
+
+    def f(self, s, x):
+        h = self.dt
+        k1 = self.field(s)
+        k2 = self.field(s + 0.5 * h * k1)
+        k3 = self.field(s + 0.5 * h * k2)
+        k4 = self.field(s + h * k3)
+        return s + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+class Cell(S.AbstractSystem):
+    """An equinox GRU or LSTM cell with weights scaled by `scale`, Gaussian inputs."""
+
+    cell: eqx.Module
+    s0: jax.Array
+    dt: None = None
+    name = "cell"
+
+    def __init__(self, kind, hidden=16, inputs=4, scale=0.5, dtype=None):
+        key = jr.key(0)
+        make = eqx.nn.GRUCell if kind == "gru" else eqx.nn.LSTMCell
+        cell = make(inputs, hidden, key=key, dtype=dtype)
+        self.cell = jax.tree.map(lambda w: w * scale if eqx.is_inexact_array(w) else w, cell)
+        zeros = jnp.zeros(hidden, dtype)
+        self.s0 = zeros if kind == "gru" else (zeros, zeros)
+
+    def f(self, s, x):
+        return self.cell(x, s)
+
+    def inputs(self, T, key=None):
+        return jr.normal(
+            jr.key(1), (T, self.cell.input_size), jnp.result_type(*jax.tree.leaves(self.s0))
+        )
+
+
+def zoo(dtype) -> dict[str, tuple[S.AbstractSystem, bool]]:
+    """`name -> (system, predictable)`; predictability is checked by the LLE estimate."""
+    cases = {}
+    for r in (2.5, 2.8, 3.2, 3.4):
+        for x0 in (0.05, 0.1, 0.3, 0.6):
+            cases[f"logistic r={r} s0={x0}"] = (S.Logistic(r=r, x0=x0, dtype=dtype), True)
+    cases.update(
+        {
+            "henon a=0.2 b=0.3": (S.Henon(a=0.2, b=0.3, dtype=dtype), True),
+            "ikeda u=0.3": (Ikeda(u=0.3, dtype=dtype), True),
+            "two-well langevin": (S.TwoWellLangevin(dtype=dtype), True),
+            "mean-field g=0.8 D=32": (S.MeanFieldRNN(size=32, g=0.8, dtype=dtype), True),
+            "tanh rnn a=0.9": (S.TanhRNN(a=0.9, dtype=dtype), True),
+            "gru H=16 w*0.5": (Cell("gru", scale=0.5, dtype=dtype), True),
+            "lstm H=16 w*0.5": (Cell("lstm", scale=0.5, dtype=dtype), True),
+            "pendulum rk4 c=0.5": (RK4Flow("pendulum", dtype=dtype), True),
+            "duffing rk4 c=0.3": (RK4Flow("duffing", c=0.3, s0=(0.5, 1.0), dtype=dtype), True),
+            # Negative controls: chaotic.
+            "CHAOS logistic r=3.9": (S.Logistic(r=3.9, dtype=dtype), False),
+            "CHAOS henon a=1.4": (S.Henon(dtype=dtype), False),
+            "CHAOS lorenz63 rk4": (S.Lorenz63(dtype=dtype), False),
+        }
+    )
+    return cases
+
+
+SOLVERS = {
+    "DEER": parassm.DEER(),
+    "QuasiDEER": parassm.QuasiDEER(),
+    "ELK": parassm.ELK(),
+    "QuasiELK": parassm.QuasiELK(),
+    "Jacobi": parassm.Jacobi(),
+    "DEER-U": parassm.DEER(search=parassm.Undamped()),
+}
+
+
+@eqx.filter_jit
+def _solve(system, solver, T, xs, init):
+    return parassm.evaluate(system.f, system.s0, T, xs=xs, solver=solver, init=init, throw=False)
+
+
+@eqx.filter_jit
+def _sequential(system, xs, T):
+    def step(s, x):
+        s = system.f(s, x)
+        return s, s
+
+    return jax.lax.scan(step, system.s0, xs, length=T)[1]
+
+
+def _random_guess(ref, seed=0):
+    leaves, treedef = jax.tree.flatten(ref)
+    keys = jr.split(jr.key(seed), len(leaves))
+    out = []
+    for key, leaf in zip(keys, leaves):
+        lo, hi = jnp.min(leaf, axis=0), jnp.max(leaf, axis=0)
+        out.append(jr.uniform(key, leaf.shape, leaf.dtype) * (hi - lo) + lo)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _rel_err(value, ref):
+    diff = max(
+        float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(value), jax.tree.leaves(ref))
+    )
+    size = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(ref))
+    return diff / max(size, 1e-300)
+
+
+def lle(system, xs, T) -> float:
+    T = min(T, 4000)
+    xs = None if xs is None else jax.tree.map(lambda x: x[:T], xs)
+    burn = T // 4
+    return float(
+        parassm.diagnostics.lyapunov_exponents(system.f, system.s0, T, xs=xs, burn_in=burn)[0]
+    )
+
+
+PROFILES = {
+    "quick": dict(T=(1000,), dtypes=("float32",), guesses=("default", "random")),
+    "full": dict(T=(1000, 10000), dtypes=("float32", "float64"), guesses=("default", "random")),
+    "smoke": dict(T=(64,), dtypes=("float32",), guesses=("default",)),
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument("--cases", default="", help="substring filter on case names")
+    parser.add_argument("--solvers", default=",".join(SOLVERS))
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    prof = PROFILES[args.profile]
+    solvers = {k: SOLVERS[k] for k in args.solvers.split(",")}
+    sha = git_sha()
+    rows = []
+    header = (
+        f"{'case':28s} {'dtype':7s} {'T':>6s} {'guess':7s} {'LLE':>7s} "
+        + " ".join(f"{k:>9s}" for k in solvers)
+        + "   max rel err"
+    )
+    print(header)
+    for dtype_name in prof["dtypes"]:
+        dtype = jnp.dtype(dtype_name)
+        for T in prof["T"]:
+            for name, (system, predictable) in zoo(dtype).items():
+                if args.cases and args.cases not in name:
+                    continue
+                if not predictable and T > 1000:
+                    # Chaotic controls take ~T iterations of O(T) work: T = 1e3 shows it.
+                    continue
+                xs = system.inputs(T)
+                ref = _sequential(system, xs, T)
+                exponent = lle(system, xs, T)
+                for guess in prof["guesses"]:
+                    init = None if guess == "default" else _random_guess(ref)
+                    cells, errs = [], []
+                    for sname, solver in solvers.items():
+                        t0 = time.perf_counter()
+                        sol = _solve(system, solver, T, xs, init)
+                        jax.block_until_ready(sol.value)
+                        wall = time.perf_counter() - t0
+                        ok = bool(sol.result == parassm.RESULTS.successful)
+                        steps = int(sol.stats["num_steps"])
+                        err = _rel_err(sol.value, ref)
+                        errs.append(err if ok else math.nan)
+                        cells.append(f"{steps:>8d}{' ' if ok else '!'}")
+                        rows.append(
+                            dict(
+                                bench="convergence",
+                                case=name,
+                                dtype=dtype_name,
+                                T=T,
+                                guess=guess,
+                                lle=exponent,
+                                predictable=predictable,
+                                solver=sname,
+                                steps=steps,
+                                trials=int(sol.stats.get("num_trials", steps)),
+                                successful=ok,
+                                rel_err_vs_scan=err,
+                                wall_s_incl_compile=wall,
+                                git_sha=sha,
+                                backend=jax.default_backend(),
+                            )
+                        )
+                    worst = np.nanmax(errs) if not all(math.isnan(e) for e in errs) else math.nan
+                    print(
+                        f"{name:28s} {dtype_name:7s} {T:>6d} {guess:7s} {exponent:>7.3f} "
+                        + " ".join(cells)
+                        + f"   {worst:.1e}",
+                        flush=True,
+                    )
+    out = args.output or RESULTS_DIR / f"convergence_{jax.default_backend()}.json"
+    with open(out, "w") as fh:
+        json.dump(rows, fh, indent=1)
+        fh.write("\n")
+    print(f"wrote {len(rows)} rows to {out}")
+    _summary(rows)
+
+
+def _summary(rows):
+    """The issue's targets, checked on the rows."""
+    pred = [r for r in rows if r["predictable"] and r["lle"] < 0]
+    by = {}
+    for r in pred:
+        by.setdefault(r["solver"], []).append(r)
+    print("\npredictable cases (LLE < 0): worst steps, cases over 50 steps or unsuccessful")
+    for s, rs in by.items():
+        bad = [r for r in rs if r["steps"] > 50 or not r["successful"]]
+        print(
+            f"  {s:10s} worst {max(r['steps'] for r in rs):6d}   over target: {len(bad)}/{len(rs)}"
+        )
+        for r in bad[:6]:
+            print(f"      {r['case']} {r['dtype']} T={r['T']} {r['guess']}: {r['steps']}")
+    chaos = [r for r in rows if not r["predictable"]]
+    dishonest = [r for r in chaos if r["successful"] and r["rel_err_vs_scan"] > 1e6]
+    print(f"chaotic controls: {len(chaos)} rows, successful with absurd error: {len(dishonest)}")
+
+
+if __name__ == "__main__":
+    main()
