@@ -231,3 +231,108 @@ def test_unrolled_adjoint():
             solver=parassm.SlidingWindow(parassm.DEER(), 2),
             adjoint=unrolled,
         )
+
+
+def _expanding_diagonal(T, blocks, dtype):
+    """A stable linear-plus-small recurrence whose Jacobian has eigenvalues about 0.5 and
+    0 but diagonal about (1.5, -1): a diagonal scan grows like 1.5^T. `blocks` copies
+    of the 2 x 2 system make the state `2 * blocks` long."""
+    A = jnp.kron(jnp.eye(blocks, dtype=dtype), jnp.array([[1.5, 1.5], [-1.0, -1.0]], dtype))
+    xs = jnp.sin(jnp.arange(T * 2 * blocks, dtype=dtype)).reshape(T, 2 * blocks)
+
+    def traj(a, linear_solver):
+        def f(s, x):
+            return A @ s + a * x + jnp.asarray(0.01, dtype) * jnp.sin(s) ** 2
+
+        s0 = jnp.zeros(2 * blocks, dtype)
+        if linear_solver is None:
+            return lax.scan(lambda s, x: (f(s, x),) * 2, s0, xs)[1]
+        adjoint = parassm.ImplicitAdjoint(linear_solver)
+        return parassm.evaluate(f, s0, xs=xs, solver=parassm.DEER(), adjoint=adjoint).value
+
+    return traj
+
+
+@pytest.mark.parametrize(
+    "dtype, T",
+    [pytest.param(jnp.float64, 60, marks=pytest.mark.slow), (jnp.float32, 240)],
+    ids=["float64", "float32-overflow"],
+)
+def test_quasi_scan_expanding_diagonal_is_right(dtype, T):
+    # Reported: QuasiScan returned NaN here (its stopping test `max|r| > bound` is False
+    # for NaN; the diagonal scan overflows float32 at T = 240). Now the iteration is
+    # stopped and the exact fallback gives the gradient.
+    traj = _expanding_diagonal(T, 1, dtype)
+    a = jnp.asarray(1.0, dtype)
+
+    def grads(ls):
+        loss = lambda a: jnp.sum(traj(a, ls) ** 2)  # noqa: E731
+        return jax.grad(loss)(a), jax.jvp(loss, (a,), (jnp.ones_like(a),))[1]
+
+    expected = jax.jit(lambda: grads(None))()
+    tol = 1e-9 if dtype == jnp.float64 else 1e-4
+    got = jax.jit(lambda: grads(parassm.QuasiScan()))()
+    np.testing.assert_allclose(got, expected, rtol=tol)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="did not converge.*SequentialScan"):
+        eqx.filter_jit(lambda: grads(parassm.QuasiScan(fallback=None)))()
+
+
+def test_quasi_scan_default_above_64_components_and_vmap():
+    # At D = 66 QuasiScan is the default; it used to raise "did not converge" on this
+    # stable system. Under vmap one element (c = 1) needs the fallback and the other
+    # (c = 0.1, where the diagonal iteration converges) does not.
+    A = jnp.kron(jnp.eye(33), jnp.array([[1.5, 1.5], [-1.0, -1.0]]))
+    xs = jnp.sin(jnp.arange(30 * 66, dtype=jnp.float64)).reshape(30, 66)
+
+    def loss(c, adjoint):
+        f = lambda s, x: c * (A @ s) + x + 0.01 * jnp.sin(s) ** 2  # noqa: E731
+        if adjoint is None:
+            traj = lax.scan(lambda s, x: (f(s, x),) * 2, jnp.zeros(66), xs)[1]
+        else:
+            traj = parassm.evaluate(
+                f, jnp.zeros(66), xs=xs, solver=parassm.DEER(), adjoint=adjoint
+            ).value
+        return jnp.sum(traj**2)
+
+    cs = jnp.array([0.1, 1.0])
+    grad = eqx.filter_jit(jax.vmap(jax.grad(loss), in_axes=(0, None)))
+    np.testing.assert_allclose(grad(cs, parassm.ImplicitAdjoint()), grad(cs, None), rtol=1e-9)
+    no_fallback = parassm.ImplicitAdjoint(parassm.QuasiScan(fallback=None))
+    np.testing.assert_allclose(grad(cs[:1], no_fallback), grad(cs[:1], None), rtol=1e-9)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="did not converge"):
+        grad(cs, no_fallback)
+
+
+def test_quasi_scan_tolerance_bounds_the_error():
+    """The documented bound: with every `|J_t|_inf <= rho < 1`, the tangent's error is at
+    most about `rtol * max|u| / (1 - rho)`. The test is per step and relative, so it
+    holds for tangents of any size (here 1e-6 and 1e6)."""
+    D, T = 8, 80
+    W = random_contraction(jr.key(11), D, 0.3, jnp.float64)
+    xs = jr.normal(jr.key(12), (T, D), jnp.float64)
+    s0 = jnp.zeros(D)
+
+    def f(s, x):
+        return jnp.tanh(W @ s + x)
+
+    traj = parassm.evaluate(f, s0, xs=xs, solver=parassm.DEER()).value
+    prev = jnp.concatenate([s0[None], traj[:-1]])
+    J = jax.vmap(jax.jacfwd(f))(prev, xs)
+    rho = float(jnp.max(jnp.sum(jnp.abs(J), axis=-1)))
+    assert rho < 1
+
+    def tangent(linear_solver, size):
+        adjoint = parassm.ImplicitAdjoint(linear_solver)
+        run = lambda x: parassm.evaluate(f, s0, xs=x, solver=parassm.DEER(), adjoint=adjoint).value  # noqa: E731
+        return jax.jvp(run, (xs,), (size * jnp.cos(xs),))[1]
+
+    for size in (1e-6, 1e6):
+        exact = tangent(parassm.SequentialScan(), size)
+        for rtol in (1e-3, 1e-7):
+            got = tangent(parassm.QuasiScan(rtol=rtol), size)
+            err = float(jnp.max(jnp.abs(got - exact)))
+            bound = rtol * float(jnp.max(jnp.abs(exact))) / (1 - rho)
+            assert err <= bound, (size, rtol, err, bound)
+            # ... and the tolerance is not met by accident: a looser one is looser.
+            if rtol == 1e-3:
+                assert err > 1e-3 * bound
