@@ -120,6 +120,16 @@ def evaluate(
     return Solution(value=value, result=result, stats=stats)
 
 
+class _CarryStep(eqx.Module):
+    """`(carry, x) -> carry` of a `lax.scan`-style `f(carry, x) -> (carry, y)`. A Module,
+    not a closure: equal for equal `f`, so `evaluate`'s compilation cache hits."""
+
+    f: Callable
+
+    def __call__(self, carry, x):
+        return self.f(carry, x)[0]
+
+
 def scan(
     f: Callable[[PyTree[Array], Any], tuple[PyTree[Array], Any]],
     init: PyTree[Array],
@@ -137,9 +147,12 @@ def scan(
     parallel.
 
     `f(carry, x) -> (carry, y)` as for `jax.lax.scan`; returns `(final_carry, ys)`. The
-    carries are found by [`parassm.evaluate`][] with `solver`; the outputs `ys` then
-    come from one more vectorised call of `f`. With `solver=parassm.Sequential()` this
-    is `jax.lax.scan` itself, bit for bit.
+    carries are found by [`parassm.evaluate`][] with `solver` and `adjoint`; the outputs
+    `ys` then come from one more vectorised call of `f`. With
+    `solver=parassm.Sequential()` this is `jax.lax.scan` itself, bit for bit.
+
+    The parallel path is compiled once per `f` (compared by identity, as `jax.jit`
+    does), shapes and settings: repeated eager calls with the same `f` reuse it.
 
     **Arguments:**
 
@@ -154,14 +167,28 @@ def scan(
     """
     if isinstance(solver, Sequential):
         return lax.scan(f, init, xs, length=length, reverse=reverse, unroll=unroll)
+    if not isinstance(reverse, bool):
+        raise TypeError(f"`reverse` must be a bool, got {type(reverse).__name__}.")
+    # Python scalars in the carry would be static arguments of the compiled function.
+    init = jtu.tree_map(jnp.asarray, init)
+    return _scan(f, init, xs, length, reverse, solver, max_steps, throw, adjoint)
+
+
+@eqx.filter_jit
+def _scan(f, init, xs, length, reverse, solver, max_steps, throw, adjoint):
     T = time_length(xs, length)
     if reverse and xs is not None:
         xs = jtu.tree_map(lambda x: jnp.flip(x, axis=0), xs)
-
-    def carry_step(carry, x):
-        return f(carry, x)[0]
-
-    sol = evaluate(carry_step, init, T, xs=xs, solver=solver, max_steps=max_steps, throw=throw)
+    sol = evaluate(
+        _CarryStep(f),
+        init,
+        T,
+        xs=xs,
+        solver=solver,
+        max_steps=max_steps,
+        throw=throw,
+        adjoint=adjoint,
+    )
     carries = sol.value
     init = jtu.tree_map(jnp.asarray, init)
     prev = jtu.tree_map(lambda s0, s: jnp.concatenate([s0[None], s[:-1]]), init, carries)
