@@ -34,18 +34,22 @@ class Custom(eqx.Module):
         return {"h": h, "m": self.leak * state["m"] + (1 - self.leak) * h}
 
 
-def _cells(key):
+def _cells(key, dtype=jnp.float64):
+    """Cells and initial states, drawn in float64 and rounded to `dtype`."""
     k1, k2, k3, k4 = jr.split(key, 4)
     custom = Custom(
         random_contraction(k3, 4, 0.8, jnp.float64),
         jr.normal(k4, (4, 3), jnp.float64),
         jnp.array(0.7),
     )
-    return {
+    cells = {
         "gru": (eqx.nn.GRUCell(3, 4, key=k1), jnp.full(4, 0.1)),
         "lstm": (eqx.nn.LSTMCell(3, 2, key=k2), (jnp.full(2, 0.1), jnp.full(2, -0.2))),
         "custom": (custom, {"h": jnp.full(4, 0.1), "m": jnp.zeros(4)}),
     }
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, cells
+    )
 
 
 def _trajectory(cell, s0, xs, solver, adjoint=parassm.ImplicitAdjoint()):
@@ -57,17 +61,30 @@ def _trajectory(cell, s0, xs, solver, adjoint=parassm.ImplicitAdjoint()):
 
 def _loss(cell, s0, xs, solver, adjoint=parassm.ImplicitAdjoint()):
     traj = _trajectory(cell, s0, xs, solver, adjoint)
-    weights = jnp.cos(jnp.arange(xs.shape[0], dtype=jnp.float64))
+    weights = jnp.cos(jnp.arange(xs.shape[0], dtype=xs.dtype))
     return sum(
         jnp.sum(weights[:, None] * jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(traj)
     )
 
 
-@pytest.mark.parametrize("name", ["gru", "lstm", "custom"])
-@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
-def test_grad_matches_lax_scan(name, solver):
-    cell, s0 = _cells(jr.key(0))[name]
-    xs = jr.normal(jr.key(1), (20, 3), jnp.float64)
+FLOAT32_DEFAULT = ("DEER", "QuasiDEER", "Sequential")
+
+
+def _grad_cases():
+    for name in ("gru", "lstm", "custom"):
+        for solver in SOLVERS:
+            yield pytest.param(name, solver, jnp.float64, id=f"{name}-{IDS(solver)}-float64")
+            # float32, where the default tolerances are tuned: the main solvers by default.
+            slow = () if IDS(solver) in FLOAT32_DEFAULT else pytest.mark.slow
+            yield pytest.param(
+                name, solver, jnp.float32, id=f"{name}-{IDS(solver)}-float32", marks=slow
+            )
+
+
+@pytest.mark.parametrize("name, solver, dtype", list(_grad_cases()))
+def test_grad_matches_lax_scan(name, solver, dtype):
+    cell, s0 = _cells(jr.key(0), dtype)[name]
+    xs = jr.normal(jr.key(1), (20, 3), jnp.float64).astype(dtype)
 
     # Parameters, initial state and inputs at once.
     @eqx.filter_jit
@@ -75,9 +92,18 @@ def test_grad_matches_lax_scan(name, solver):
     def grad(args, solver):
         return _loss(*args, solver)
 
-    expected = grad((cell, s0, xs), None)
     got = grad((cell, s0, xs), solver)
-    assert tree_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    # The truth: the same (rounded) problem in float64, by `lax.scan`.
+    up = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+        lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, tree
+    )
+    expected = grad(up((cell, s0, xs)), None)
+    assert all(x.dtype == dtype for x in jax.tree_util.tree_leaves(got))
+    if dtype == jnp.float64:
+        assert tree_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    else:
+        scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(expected))
+        assert tree_allclose(up(got), expected, rtol=1e-3, atol=1e-4 * scale)
 
 
 @pytest.mark.parametrize("linear_solver", LINEAR_SOLVERS, ids=IDS)
