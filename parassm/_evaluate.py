@@ -102,10 +102,19 @@ def evaluate(
             f"`solver` must be a parassm solver (e.g. `parassm.QuasiDEER()`), got "
             f"{type(solver).__name__}."
         )
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
+    if max_steps is not None and (
+        not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 0
+    ):
         raise ValueError(f"`max_steps` must be a non-negative int or None, got {max_steps!r}.")
+    if isinstance(T, bool):
+        raise TypeError(f"`T` must be a Python int, got {T!r}.")
     length = time_length(xs, T)
     s0 = check_state(s0, floating=not isinstance(solver, Sequential))
+    if sum(leaf.size for leaf in jtu.tree_leaves(s0)) == 0:
+        raise ValueError(
+            "Every leaf of `s0` is empty (size 0): there is no state to evolve. Give the "
+            "state at least one number."
+        )
     check_same_structure(step_output(f, s0, xs), s0, "`f`")
     if init is not None:
         init = _check_init(init, s0, length)
