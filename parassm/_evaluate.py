@@ -102,6 +102,11 @@ def evaluate(
             f"`solver` must be a parassm solver (e.g. `parassm.QuasiDEER()`), got "
             f"{type(solver).__name__}."
         )
+    if not isinstance(adjoint, AbstractAdjoint):
+        raise TypeError(
+            f"`adjoint` must be a parassm adjoint (e.g. `parassm.ImplicitAdjoint()`), got "
+            f"{type(adjoint).__name__}."
+        )
     if max_steps is not None and (
         not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 0
     ):
@@ -118,11 +123,6 @@ def evaluate(
     check_same_structure(step_output(f, s0, xs), s0, "`f`")
     if init is not None:
         init = _check_init(init, s0, length)
-    if not isinstance(adjoint, AbstractAdjoint):
-        raise TypeError(
-            f"`adjoint` must be a parassm adjoint (e.g. `parassm.ImplicitAdjoint()`), got "
-            f"{type(adjoint).__name__}."
-        )
     value, result, stats = adjoint.apply(solver, f, s0, xs, length, init, max_steps)
     if throw:
         value, stats = result.error_if((value, stats), result != RESULTS.successful)
