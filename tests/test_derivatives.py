@@ -177,7 +177,8 @@ def _scalar_derivatives(linear_solver):
 @pytest.mark.parametrize(
     "linear_solver",
     [
-        parassm.DenseScan(),
+        # DenseScan (the default for small states) is also covered by the Hessians above.
+        pytest.param(parassm.DenseScan(), marks=pytest.mark.slow),
         parassm.QuasiScan(),
         pytest.param(parassm.SequentialScan(), marks=pytest.mark.slow),
     ],
