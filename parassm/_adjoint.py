@@ -10,6 +10,13 @@ used by reverse mode, is the reverse-time recurrence `g_t = gbar_t + J_{t+1}^T g
 We wrap the solve in `lax.custom_linear_solve`, so JAX gets both the forward solve (for
 `jvp`) and the transposed solve (for `grad`) from us, and never differentiates through
 the Newton iterations: memory does not grow with their number.
+
+The JVP rule is itself differentiable, so derivatives of every order are exact: it
+re-enters the `custom_jvp` for the trajectory (which then carries the outer tangents),
+and forms `c` and `M` from inputs that carry theirs; `lax.custom_linear_solve`
+differentiates its solution through `M` (`dx = M^{-1} (dc - dM x)`), never through the
+solves. A rule that linearised at a trajectory without tangent would drop every
+second-order term through the trajectory, silently.
 """
 
 import abc
@@ -17,6 +24,7 @@ import functools as ft
 from collections.abc import Callable
 
 import equinox as eqx
+import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -27,7 +35,7 @@ from . import _linear as linear
 from ._problem import Flat, flatten, ravelling, unravel_trajectory
 from ._solvers import _jacobian as jacobian
 from ._solvers._base import AbstractSolver, default_tolerance
-from ._solvers._parallel import AbstractParallelSolver, Problem, solve_flat
+from ._solvers._parallel import AbstractParallelSolver, measure, Problem, solve_flat
 from ._solvers.quasi_deer import AbstractDiagonal, ExactDiagonal
 
 
@@ -147,75 +155,144 @@ class SequentialScan(AbstractLinearSolver):
         return lax.scan(body, zero, (s_next, xs_next, g, valid), reverse=True)[1]
 
 
+# A residual this many times larger than the first one means the iteration is diverging
+# (e.g. a diagonal preconditioner that expands while the full Jacobians contract).
+_DIVERGENCE = 1e3
+
+
 class QuasiScan(AbstractLinearSolver):
-    """Solve both recurrences iteratively: a diagonal associative scan as the
-    preconditioner, exact Jacobian-vector products for the residual.
+    r"""Solve both recurrences iteratively: a diagonal associative scan as the
+    preconditioner, exact Jacobian-vector products for the residual, and an exact
+    fallback where the iteration does not converge.
 
-    Each iteration costs one JVP (or VJP) and one `O(T D)` diagonal scan; it stops when
-    the residual of the linear system is below `atol + rtol |c|` everywhere. Because the
-    residual uses the exact Jacobian, the gradient is exact to that tolerance (a
-    diagonal Jacobian is only the preconditioner; using it alone would give wrong
-    gradients). Converges in at most `T` iterations (causality), quickly when the
-    Jacobians are dominated by their diagonals. Right for large states on accelerators.
+    Each iteration costs one JVP (or VJP) and one `O(T D)` diagonal scan, and updates
+    the tangent $u$ of the recurrence $u_t = J_t u_{t-1} + c_t$ by the preconditioned
+    residual. It stops when every step meets the forward solve's test, applied to this
+    linear recurrence:
 
-    If it does not converge within `max_steps` an error is raised rather than returning
-    an inaccurate gradient.
+    $$|r_t|_\infty \le \mathrm{atol} + \mathrm{rtol}\, \nu_t, \qquad
+    r_t = J_t u_{t-1} + c_t - u_t,$$
+
+    with $\nu_t$ the running size of the tangent trajectory (the largest
+    $|J_{t'} u_{t'-1} + c_{t'}|_\infty$ over accurate steps $t' \le t$, counted
+    backwards in time for the transposed recurrence of reverse mode). What this
+    bounds: the returned tangent is the exact tangent for a forcing $c + r$ perturbed
+    by at most `rtol` relative to the tangent's own size, step by step (backward error),
+    so its error is at most about `rtol * max|u|` times the amplification of the
+    linear recurrence, $\max_t \sum_k |J_t \cdots J_{t-k+1}|$ (at most
+    $1 / (1 - \rho)$ if every $|J_t| \le \rho < 1$): the same factor by which the
+    trajectory itself amplifies perturbations. The Jacobian's diagonal is only the
+    preconditioner; using it alone would give wrong gradients.
+
+    The iteration converges in few steps when the Jacobians are dominated by their
+    diagonals. It can fail on a stable system whose diagonals expand (e.g.
+    $J = [[1.5, 1.5], [-1, -1]]$, eigenvalues $0.5$ and $0$: the diagonal scan grows
+    like $1.5^T$). It is stopped when it has not converged after `max_steps`
+    iterations, when its residual grows a thousandfold or when it is not finite (NaN
+    included), and then the tangent is computed by `fallback`, an exact solve
+    ([`parassm.SequentialScan`][] by default). Under `jax.vmap` the fallback runs only
+    if some batch element needs it. With `fallback=None` an error is raised instead.
 
     **Arguments:**
 
     - `diagonal`: how to get the preconditioner's diagonal (as for
         [`parassm.QuasiDEER`][]); default [`parassm.ExactDiagonal`][].
-    - `rtol`, `atol`: the tolerance; `None` means `eps ** 0.7` of the dtype.
-    - `max_steps`: the most iterations (default: `T`).
+    - `rtol`, `atol`: the tolerance. `rtol=None` is `eps ** 0.7` of the dtype,
+        `atol=None` is zero (the test is then invariant to the scale of the tangents).
+    - `max_steps`: the most iterations (default: `T`, after which the iteration is
+        exact in exact arithmetic).
+    - `fallback`: the exact solver used where the iteration does not converge, or
+        `None` to raise an error there.
     """
 
     diagonal: AbstractDiagonal = ExactDiagonal()
     rtol: float | None = None
     atol: float | None = None
     max_steps: int | None = eqx.field(default=None, static=True)
+    fallback: AbstractLinearSolver | None = SequentialScan()
+
+    def __check_init__(self):
+        for name, value in (("rtol", self.rtol), ("atol", self.atol)):
+            if value is not None and not value >= 0:
+                raise ValueError(f"`{name}` must be non-negative (or None), got {value}.")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ValueError(f"`max_steps` must be non-negative (or None), got {self.max_steps}.")
+        if isinstance(self.fallback, QuasiScan):
+            raise TypeError("`fallback` must be an exact solver such as `SequentialScan()`.")
 
     def prepare(self, lin):
         problem = Problem(lin.flat.fn, lin.flat.unravel, lin.xs, lin.flat.s0, lin.shape[0])
         return self.diagonal(problem, lin.s_prev, jnp.array(0))[1]
 
-    def _iterate(self, apply_m, precondition, b):
+    def _iterate(self, apply_m, precondition, b, *, reverse, exact):
         T = b.shape[0]
-        dtype = b.dtype
-        rtol = default_tolerance(dtype) if self.rtol is None else self.rtol
-        atol = default_tolerance(dtype) if self.atol is None else self.atol
+        rtol = default_tolerance(b.dtype) if self.rtol is None else self.rtol
+        atol = 0.0 if self.atol is None else self.atol
         max_steps = T if self.max_steps is None else self.max_steps
-        bound = atol + rtol * jnp.max(jnp.abs(b))
 
-        def residual(x):
-            return b - apply_m(x)
+        def converged(x, r):
+            x, g = (x, x + r) if not reverse else (jnp.flip(x, 0), jnp.flip(x + r, 0))
+            return measure(x, g, rtol, atol)[1] >= T
+
+        def size(r):
+            return jnp.max(jnp.abs(r))
 
         def cond(carry):
-            _, r, k = carry
-            return (jnp.max(jnp.abs(r)) > bound) & (k < max_steps)
+            _, r, k, ok, r0 = carry
+            # Written so that NaN stops the loop: comparisons with NaN are False.
+            growing = ~(size(r) <= _DIVERGENCE * r0)
+            return ~ok & ~growing & (k < max_steps)
 
         def body(carry):
-            x, r, k = carry
+            x, r, k, _, r0 = carry
             x = x + precondition(r)
-            return x, residual(x), k + 1
+            r = b - apply_m(x)
+            return x, r, k + 1, converged(x, r), r0
 
         x0 = precondition(b)
-        x, r, _ = lax.while_loop(cond, body, (x0, residual(x0), jnp.array(0)))
-        return eqx.error_if(
-            x,
-            jnp.max(jnp.abs(r)) > bound,
-            "QuasiScan: the linear system of the implicit gradient did not converge "
-            "within `max_steps`; use `DenseScan()` or `SequentialScan()`, or raise "
-            "`max_steps`.",
+        r0 = b - apply_m(x0)
+        init = (x0, r0, jnp.array(0), converged(x0, r0), size(r0))
+        x, _, _, ok, _ = lax.while_loop(cond, body, init)
+        if self.fallback is None:
+            return eqx.error_if(
+                x,
+                ~ok,
+                "QuasiScan: the linear system of the implicit derivative did not converge "
+                "(too many iterations, a growing residual, or NaN/Inf). Use "
+                "`QuasiScan(fallback=SequentialScan())`, `DenseScan()` or "
+                "`SequentialScan()` as the `linear_solver` of `ImplicitAdjoint`, or raise "
+                "`max_steps`.",
+            )
+        return lax.cond(
+            eqxi.unvmap_any(~ok), lambda: jnp.where(ok, x, exact(self.fallback)), lambda: x
         )
 
     def solve(self, lin, state, c):
         diag = linear.Diagonal(state)
-        return self._iterate(lambda v: _matvec(lin, v), lambda r: linear.solve(diag, r), c)
+
+        def exact(fallback):
+            return fallback.solve(lin, fallback.prepare(lin), c)
+
+        return self._iterate(
+            lambda v: _matvec(lin, v),
+            lambda r: linear.solve(diag, r),
+            c,
+            reverse=False,
+            exact=exact,
+        )
 
     def solve_transpose(self, lin, state, g):
         diag = linear.Diagonal(_shift_up(state))
+
+        def exact(fallback):
+            return fallback.solve_transpose(lin, fallback.prepare(lin), g)
+
         return self._iterate(
-            lambda w: _rmatvec(lin, w), lambda r: linear.solve(diag, r, reverse=True), g
+            lambda w: _rmatvec(lin, w),
+            lambda r: linear.solve(diag, r, reverse=True),
+            g,
+            reverse=True,
+            exact=exact,
         )
 
 
@@ -264,32 +341,48 @@ def _implicit(value, f, s0, xs, *, linear_solver, ravel, unravel):
 def _implicit_jvp(primals, tangents, *, linear_solver, ravel, unravel):
     value, f, s0, xs = primals
     _, t_f, t_s0, t_xs = tangents
+    # The rule must itself be differentiable for second and higher derivatives. The
+    # primal `value` carries no tangent (it comes out of a stopped solve), so under an
+    # outer derivative it is re-entered through `_implicit`, whose own rule gives it the
+    # outer tangent; every quantity below is then built from inputs that carry theirs
+    # (as optimistix's `implicit_jvp` does). `lax.custom_linear_solve` differentiates
+    # its solution through `matvec` (`dx = M^{-1} (db - dM x)`), never through the
+    # solves, so only `matvec` and the forcing need to see the live inputs.
+    value = _implicit(value, f, s0, xs, linear_solver=linear_solver, ravel=ravel, unravel=unravel)
     f_dyn, t_f = _materialise(f, t_f)
     s0_dyn, t_s0 = _materialise(s0, t_s0)
     xs_dyn, t_xs = _materialise(xs, t_xs)
     f_static = eqx.filter(f, eqx.is_inexact_array, inverse=True)
     xs_static = eqx.filter(xs, eqx.is_inexact_array, inverse=True)
-    T, _ = value.shape
     in_axes = (0, None if xs is None else 0)
 
+    def step(f_dyn, s, x):
+        return ravel(eqx.combine(f_dyn, f_static)(unravel(s), x))
+
     def batched(f_dyn, s_prev, xs_dyn):
-        fn = eqx.combine(f_dyn, f_static)
         x_all = eqx.combine(xs_dyn, xs_static)
-        return jax.vmap(lambda s, x: ravel(fn(unravel(s), x)), in_axes=in_axes)(s_prev, x_all)
+        return jax.vmap(ft.partial(step, f_dyn), in_axes=in_axes)(s_prev, x_all)
 
     s_prev = jnp.concatenate([s0[None], value[:-1]])
     # The forcing: everything but the dependence on the trajectory itself.
     ts_prev = jnp.zeros_like(s_prev).at[0].set(t_s0)
     _, c = jax.jvp(batched, (f_dyn, s_prev, xs_dyn), (t_f, ts_prev, t_xs))
 
-    _, jvp_s = jax.linearize(lambda sp: batched(f_dyn, sp, xs_dyn), s_prev)
-    vjp_s = jax.linear_transpose(jvp_s, s_prev)
-    fn = eqx.combine(f_dyn, f_static)
-    flat = Flat(lambda s, x: ravel(fn(unravel(s), x)), unravel, s0)
-    lin = _Linearisation(flat, eqx.combine(xs_dyn, xs_static), s_prev, jvp_s, lambda w: vjp_s(w)[0])
+    def matvec(v):
+        """`(M v)_t = v_t - J_t v_{t-1}`, live in `f`, the trajectory and `xs`."""
+        jv = jax.jvp(lambda sp: batched(f_dyn, sp, xs_dyn), (s_prev,), (_shift_down(v),))[1]
+        return v - jv
+
+    # The solves see constants only: their tangents would be discarded anyway.
+    f_stop, s_stop, xs_stop = _stop((f_dyn, s_prev, xs_dyn))
+    xs_all = eqx.combine(xs_stop, xs_static)
+    _, jvp_s = jax.linearize(lambda sp: batched(f_stop, sp, xs_stop), s_stop)
+    vjp_s = jax.linear_transpose(jvp_s, s_stop)
+    flat = Flat(ft.partial(step, f_stop), unravel, lax.stop_gradient(s0))
+    lin = _Linearisation(flat, xs_all, s_stop, jvp_s, lambda w: vjp_s(w)[0])
     state = linear_solver.prepare(lin)
     t_value = lax.custom_linear_solve(
-        lambda v: _matvec(lin, v),
+        matvec,
         c,
         solve=lambda _, b: linear_solver.solve(lin, state, b),
         transpose_solve=lambda _, b: linear_solver.solve_transpose(lin, state, b),
@@ -307,20 +400,27 @@ class ImplicitAdjoint(AbstractAdjoint):
     is differentiated through the Newton iterations, so memory does not depend on how
     many there were.
 
+    Derivatives of every order are exact (`jax.hessian`, `jax.jacfwd(jax.grad(...))`,
+    `jax.grad(jax.grad(...))`, Hessian-vector products): each order solves one more
+    linear recurrence of the same kind at the same trajectory.
+
     !!! warning
 
         The implicit gradient is the gradient of the exact trajectory. It is only
-        meaningful if the solve succeeded: with `throw=False` check `result` first, or
-        use [`parassm.UnrolledAdjoint`][] for the derivative of the iterates themselves.
+        meaningful if the solve succeeded: with `throw=False` check `result` first (a
+        loss masked with `jnp.where(result == RESULTS.successful, loss, 0)` gets zero
+        gradient from failed elements), or use [`parassm.UnrolledAdjoint`][] for the
+        derivative of the iterates themselves.
 
     **Arguments:**
 
     - `linear_solver`: how to solve the (transposed) tangent recurrence:
         [`parassm.DenseScan`][] (exact, parallel, `O(T D^2)` memory),
         [`parassm.QuasiScan`][] (iterative, diagonal preconditioner, `O(T D)` memory,
-        exact to a tolerance) or [`parassm.SequentialScan`][] (exact, sequential, no
-        Jacobians). `None` (default) picks `DenseScan` for states of at most 64
-        components and `QuasiScan` above.
+        accurate to a stated tolerance, with an exact fallback) or
+        [`parassm.SequentialScan`][] (exact, sequential, no Jacobians). `None`
+        (default) picks `DenseScan` for states of at most 64 components and
+        `QuasiScan` above.
     """
 
     linear_solver: AbstractLinearSolver | None = None
@@ -369,6 +469,18 @@ class UnrolledAdjoint(AbstractAdjoint):
     checkpoints, and backpropagation recomputes iterations between them. Works with the
     parallel solvers ([`parassm.AbstractParallelSolver`][] subclasses such as
     [`parassm.DEER`][]) and [`parassm.Sequential`][].
+
+    !!! warning
+
+        Reverse mode only, and forward over reverse: `jax.grad`, `jax.vjp`,
+        `jax.hessian`, `jax.jacfwd(jax.grad(...))` and Hessian-vector products by
+        `jax.jvp(jax.grad(...))` are exact. Forward mode alone (`jax.jvp`,
+        `jax.jacfwd`) raises JAX's `TypeError` "can't apply forward-mode autodiff
+        (jvp) to a custom_vjp function", and reverse over reverse
+        (`jax.grad(jax.grad(...))`) raises its `ValueError` "Reverse-mode
+        differentiation does not work for lax.while_loop": the checkpointed loop
+        supports neither. Use [`parassm.ImplicitAdjoint`][] for those (with a solve
+        that converges, the derivatives are the same).
 
     **Arguments:**
 

@@ -102,22 +102,41 @@ def evaluate(
             f"`solver` must be a parassm solver (e.g. `parassm.QuasiDEER()`), got "
             f"{type(solver).__name__}."
         )
-    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
-        raise ValueError(f"`max_steps` must be a non-negative int or None, got {max_steps!r}.")
-    length = time_length(xs, T)
-    s0 = check_state(s0, floating=not isinstance(solver, Sequential))
-    check_same_structure(step_output(f, s0, xs), s0, "`f`")
-    if init is not None:
-        init = _check_init(init, s0, length)
     if not isinstance(adjoint, AbstractAdjoint):
         raise TypeError(
             f"`adjoint` must be a parassm adjoint (e.g. `parassm.ImplicitAdjoint()`), got "
             f"{type(adjoint).__name__}."
         )
+    if max_steps is not None and (
+        not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 0
+    ):
+        raise ValueError(f"`max_steps` must be a non-negative int or None, got {max_steps!r}.")
+    if isinstance(T, bool):
+        raise TypeError(f"`T` must be a Python int, got {T!r}.")
+    length = time_length(xs, T)
+    s0 = check_state(s0, floating=not isinstance(solver, Sequential))
+    if sum(leaf.size for leaf in jtu.tree_leaves(s0)) == 0:
+        raise ValueError(
+            "Every leaf of `s0` is empty (size 0): there is no state to evolve. Give the "
+            "state at least one number."
+        )
+    check_same_structure(step_output(f, s0, xs), s0, "`f`")
+    if init is not None:
+        init = _check_init(init, s0, length)
     value, result, stats = adjoint.apply(solver, f, s0, xs, length, init, max_steps)
     if throw:
         value, stats = result.error_if((value, stats), result != RESULTS.successful)
     return Solution(value=value, result=result, stats=stats)
+
+
+class _CarryStep(eqx.Module):
+    """`(carry, x) -> carry` of a `lax.scan`-style `f(carry, x) -> (carry, y)`. A Module,
+    not a closure: equal for equal `f`, so `evaluate`'s compilation cache hits."""
+
+    f: Callable
+
+    def __call__(self, carry, x):
+        return self.f(carry, x)[0]
 
 
 def scan(
@@ -137,9 +156,12 @@ def scan(
     parallel.
 
     `f(carry, x) -> (carry, y)` as for `jax.lax.scan`; returns `(final_carry, ys)`. The
-    carries are found by [`parassm.evaluate`][] with `solver`; the outputs `ys` then
-    come from one more vectorised call of `f`. With `solver=parassm.Sequential()` this
-    is `jax.lax.scan` itself, bit for bit.
+    carries are found by [`parassm.evaluate`][] with `solver` and `adjoint`; the outputs
+    `ys` then come from one more vectorised call of `f`. With
+    `solver=parassm.Sequential()` this is `jax.lax.scan` itself, bit for bit.
+
+    The parallel path is compiled once per `f` (compared by identity, as `jax.jit`
+    does), shapes and settings: repeated eager calls with the same `f` reuse it.
 
     **Arguments:**
 
@@ -154,14 +176,28 @@ def scan(
     """
     if isinstance(solver, Sequential):
         return lax.scan(f, init, xs, length=length, reverse=reverse, unroll=unroll)
+    if not isinstance(reverse, bool):
+        raise TypeError(f"`reverse` must be a bool, got {type(reverse).__name__}.")
+    # Python scalars in the carry would be static arguments of the compiled function.
+    init = jtu.tree_map(jnp.asarray, init)
+    return _scan(f, init, xs, length, reverse, solver, max_steps, throw, adjoint)
+
+
+@eqx.filter_jit
+def _scan(f, init, xs, length, reverse, solver, max_steps, throw, adjoint):
     T = time_length(xs, length)
     if reverse and xs is not None:
         xs = jtu.tree_map(lambda x: jnp.flip(x, axis=0), xs)
-
-    def carry_step(carry, x):
-        return f(carry, x)[0]
-
-    sol = evaluate(carry_step, init, T, xs=xs, solver=solver, max_steps=max_steps, throw=throw)
+    sol = evaluate(
+        _CarryStep(f),
+        init,
+        T,
+        xs=xs,
+        solver=solver,
+        max_steps=max_steps,
+        throw=throw,
+        adjoint=adjoint,
+    )
     carries = sol.value
     init = jtu.tree_map(jnp.asarray, init)
     prev = jtu.tree_map(lambda s0, s: jnp.concatenate([s0[None], s[:-1]]), init, carries)

@@ -34,18 +34,22 @@ class Custom(eqx.Module):
         return {"h": h, "m": self.leak * state["m"] + (1 - self.leak) * h}
 
 
-def _cells(key):
+def _cells(key, dtype=jnp.float64):
+    """Cells and initial states, drawn in float64 and rounded to `dtype`."""
     k1, k2, k3, k4 = jr.split(key, 4)
     custom = Custom(
         random_contraction(k3, 4, 0.8, jnp.float64),
         jr.normal(k4, (4, 3), jnp.float64),
         jnp.array(0.7),
     )
-    return {
+    cells = {
         "gru": (eqx.nn.GRUCell(3, 4, key=k1), jnp.full(4, 0.1)),
         "lstm": (eqx.nn.LSTMCell(3, 2, key=k2), (jnp.full(2, 0.1), jnp.full(2, -0.2))),
         "custom": (custom, {"h": jnp.full(4, 0.1), "m": jnp.zeros(4)}),
     }
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, cells
+    )
 
 
 def _trajectory(cell, s0, xs, solver, adjoint=parassm.ImplicitAdjoint()):
@@ -57,17 +61,30 @@ def _trajectory(cell, s0, xs, solver, adjoint=parassm.ImplicitAdjoint()):
 
 def _loss(cell, s0, xs, solver, adjoint=parassm.ImplicitAdjoint()):
     traj = _trajectory(cell, s0, xs, solver, adjoint)
-    weights = jnp.cos(jnp.arange(xs.shape[0], dtype=jnp.float64))
+    weights = jnp.cos(jnp.arange(xs.shape[0], dtype=xs.dtype))
     return sum(
         jnp.sum(weights[:, None] * jnp.sin(leaf)) for leaf in jax.tree_util.tree_leaves(traj)
     )
 
 
-@pytest.mark.parametrize("name", ["gru", "lstm", "custom"])
-@pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
-def test_grad_matches_lax_scan(name, solver):
-    cell, s0 = _cells(jr.key(0))[name]
-    xs = jr.normal(jr.key(1), (20, 3), jnp.float64)
+FLOAT32_DEFAULT = ("DEER", "QuasiDEER")
+
+
+def _grad_cases():
+    for name in ("gru", "lstm", "custom"):
+        for solver in SOLVERS:
+            yield pytest.param(name, solver, jnp.float64, id=f"{name}-{IDS(solver)}-float64")
+            # float32, where the default tolerances are tuned: the main solvers by default.
+            slow = () if IDS(solver) in FLOAT32_DEFAULT and name != "custom" else pytest.mark.slow
+            yield pytest.param(
+                name, solver, jnp.float32, id=f"{name}-{IDS(solver)}-float32", marks=slow
+            )
+
+
+@pytest.mark.parametrize("name, solver, dtype", list(_grad_cases()))
+def test_grad_matches_lax_scan(name, solver, dtype):
+    cell, s0 = _cells(jr.key(0), dtype)[name]
+    xs = jr.normal(jr.key(1), (20, 3), jnp.float64).astype(dtype)
 
     # Parameters, initial state and inputs at once.
     @eqx.filter_jit
@@ -75,9 +92,18 @@ def test_grad_matches_lax_scan(name, solver):
     def grad(args, solver):
         return _loss(*args, solver)
 
-    expected = grad((cell, s0, xs), None)
     got = grad((cell, s0, xs), solver)
-    assert tree_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    # The truth: the same (rounded) problem in float64, by `lax.scan`.
+    up = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+        lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, tree
+    )
+    expected = grad(up((cell, s0, xs)), None)
+    assert all(x.dtype == dtype for x in jax.tree_util.tree_leaves(got))
+    if dtype == jnp.float64:
+        assert tree_allclose(got, expected, rtol=1e-6, atol=1e-9)
+    else:
+        scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(expected))
+        assert tree_allclose(up(got), expected, rtol=1e-3, atol=1e-4 * scale)
 
 
 @pytest.mark.parametrize("linear_solver", LINEAR_SOLVERS, ids=IDS)
@@ -231,3 +257,108 @@ def test_unrolled_adjoint():
             solver=parassm.SlidingWindow(parassm.DEER(), 2),
             adjoint=unrolled,
         )
+
+
+def _expanding_diagonal(T, blocks, dtype):
+    """A stable linear-plus-small recurrence whose Jacobian has eigenvalues about 0.5 and
+    0 but diagonal about (1.5, -1): a diagonal scan grows like 1.5^T. `blocks` copies
+    of the 2 x 2 system make the state `2 * blocks` long."""
+    A = jnp.kron(jnp.eye(blocks, dtype=dtype), jnp.array([[1.5, 1.5], [-1.0, -1.0]], dtype))
+    xs = jnp.sin(jnp.arange(T * 2 * blocks, dtype=dtype)).reshape(T, 2 * blocks)
+
+    def traj(a, linear_solver):
+        def f(s, x):
+            return A @ s + a * x + jnp.asarray(0.01, dtype) * jnp.sin(s) ** 2
+
+        s0 = jnp.zeros(2 * blocks, dtype)
+        if linear_solver is None:
+            return lax.scan(lambda s, x: (f(s, x),) * 2, s0, xs)[1]
+        adjoint = parassm.ImplicitAdjoint(linear_solver)
+        return parassm.evaluate(f, s0, xs=xs, solver=parassm.DEER(), adjoint=adjoint).value
+
+    return traj
+
+
+@pytest.mark.parametrize(
+    "dtype, T",
+    [pytest.param(jnp.float64, 60, marks=pytest.mark.slow), (jnp.float32, 240)],
+    ids=["float64", "float32-overflow"],
+)
+def test_quasi_scan_expanding_diagonal_is_right(dtype, T):
+    # Reported: QuasiScan returned NaN here (its stopping test `max|r| > bound` is False
+    # for NaN; the diagonal scan overflows float32 at T = 240). Now the iteration is
+    # stopped and the exact fallback gives the gradient.
+    traj = _expanding_diagonal(T, 1, dtype)
+    a = jnp.asarray(1.0, dtype)
+
+    def grads(ls):
+        loss = lambda a: jnp.sum(traj(a, ls) ** 2)  # noqa: E731
+        return jax.grad(loss)(a), jax.jvp(loss, (a,), (jnp.ones_like(a),))[1]
+
+    expected = jax.jit(lambda: grads(None))()
+    tol = 1e-9 if dtype == jnp.float64 else 1e-4
+    got = jax.jit(lambda: grads(parassm.QuasiScan()))()
+    np.testing.assert_allclose(got, expected, rtol=tol)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="did not converge.*SequentialScan"):
+        eqx.filter_jit(lambda: grads(parassm.QuasiScan(fallback=None)))()
+
+
+def test_quasi_scan_default_above_64_components_and_vmap():
+    # At D = 66 QuasiScan is the default; it used to raise "did not converge" on this
+    # stable system. Under vmap one element (c = 1) needs the fallback (without it, an
+    # error) and the other (c = 0.1, where the diagonal iteration converges) does not.
+    A = jnp.kron(jnp.eye(33), jnp.array([[1.5, 1.5], [-1.0, -1.0]]))
+    xs = jnp.sin(jnp.arange(30 * 66, dtype=jnp.float64)).reshape(30, 66)
+
+    def loss(c, adjoint):
+        f = lambda s, x: c * (A @ s) + x + 0.01 * jnp.sin(s) ** 2  # noqa: E731
+        if adjoint is None:
+            traj = lax.scan(lambda s, x: (f(s, x),) * 2, jnp.zeros(66), xs)[1]
+        else:
+            traj = parassm.evaluate(
+                f, jnp.zeros(66), xs=xs, solver=parassm.DEER(), adjoint=adjoint
+            ).value
+        return jnp.sum(traj**2)
+
+    cs = jnp.array([0.1, 1.0])
+    grad = eqx.filter_jit(jax.vmap(jax.grad(loss), in_axes=(0, None)))
+    np.testing.assert_allclose(grad(cs, parassm.ImplicitAdjoint()), grad(cs, None), rtol=1e-9)
+    no_fallback = parassm.ImplicitAdjoint(parassm.QuasiScan(fallback=None))
+    with pytest.raises(eqx.EquinoxRuntimeError, match="did not converge"):
+        grad(cs, no_fallback)
+
+
+def test_quasi_scan_tolerance_bounds_the_error():
+    """The documented bound: with every `|J_t|_inf <= rho < 1`, the tangent's error is at
+    most about `rtol * max|u| / (1 - rho)`. The test is per step and relative, so it
+    holds for tangents of any size (here 1e-6 and 1e6)."""
+    D, T = 8, 80
+    W = random_contraction(jr.key(11), D, 0.3, jnp.float64)
+    xs = jr.normal(jr.key(12), (T, D), jnp.float64)
+    s0 = jnp.zeros(D)
+
+    def f(s, x):
+        return jnp.tanh(W @ s + x)
+
+    traj = parassm.evaluate(f, s0, xs=xs, solver=parassm.DEER()).value
+    prev = jnp.concatenate([s0[None], traj[:-1]])
+    J = jax.vmap(jax.jacfwd(f))(prev, xs)
+    rho = float(jnp.max(jnp.sum(jnp.abs(J), axis=-1)))
+    assert rho < 1
+
+    @eqx.filter_jit
+    def tangent(linear_solver, t_xs):
+        adjoint = parassm.ImplicitAdjoint(linear_solver)
+        run = lambda x: parassm.evaluate(f, s0, xs=x, solver=parassm.DEER(), adjoint=adjoint).value  # noqa: E731
+        return jax.jvp(run, (xs,), (t_xs,))[1]
+
+    for size in (1e-6, 1e6):
+        t_xs = size * jnp.cos(xs)
+        exact = tangent(parassm.SequentialScan(), t_xs)
+        rtol = 1e-3
+        got = tangent(parassm.QuasiScan(rtol=rtol), t_xs)
+        err = float(jnp.max(jnp.abs(got - exact)))
+        bound = rtol * float(jnp.max(jnp.abs(exact))) / (1 - rho)
+        assert err <= bound, (size, err, bound)
+        # ... and the tolerance is what stopped it (the error is not far below).
+        assert err > 1e-3 * bound

@@ -38,6 +38,47 @@ def _default_state(cell) -> PyTree[Array]:
     )
 
 
+_KNOWN_CELLS = (eqx.nn.GRUCell, eqx.nn.LSTMCell)
+
+
+def _check_inputs(cell, xs) -> None:
+    """For equinox's cells, inputs must be one sequence of shape `(T, input_size)`.
+    (Other cells may take inputs of any structure.)"""
+    if not isinstance(cell, _KNOWN_CELLS) or not eqx.is_array(xs):
+        return
+    input_size = cell.input_size
+    shape = xs.shape
+    if len(shape) == 2 and shape[1] == input_size:
+        return
+    if len(shape) == 3 and shape[2] == input_size:
+        raise ValueError(
+            f"`xs` has shape {shape}: a batch of sequences? ParallelRNN acts on one "
+            f"sequence of shape (T, {input_size}), like `eqx.nn` layers; use "
+            "`jax.vmap(rnn)(xs)` for a batch."
+        )
+    raise ValueError(
+        f"`xs` has shape {shape}, but the {type(cell).__name__} takes inputs of size "
+        f"{input_size}: pass one sequence of shape (T, {input_size}) (time first)."
+    )
+
+
+def _check_state(cell, state) -> None:
+    """For equinox's cells, `state` must be shaped like the cell's hidden state."""
+    if not isinstance(cell, _KNOWN_CELLS):
+        return
+    expected = _default_state(cell)
+    shapes = jtu.tree_map(lambda x: tuple(jnp.shape(x)), state)
+    want = jtu.tree_map(lambda x: x.shape, expected)
+    if jtu.tree_structure(state) != jtu.tree_structure(expected) or jtu.tree_leaves(
+        shapes, is_leaf=lambda x: isinstance(x, tuple)
+    ) != jtu.tree_leaves(want, is_leaf=lambda x: isinstance(x, tuple)):
+        raise ValueError(
+            f"`state` has shapes {shapes}, but a {type(cell).__name__} with hidden size "
+            f"{cell.hidden_size} has a state of shapes {want}; pass a state of those "
+            "shapes, or omit `state` for zeros."
+        )
+
+
 class ParallelRNN(eqx.Module):
     """Evaluate any recurrent cell over a sequence in parallel, inside a model.
 
@@ -94,6 +135,12 @@ class ParallelRNN(eqx.Module):
         reverse: bool = False,
         throw: bool = True,
     ):
+        if not callable(cell):
+            raise TypeError(
+                f"`cell` must be callable as `cell(input, hidden)`, got {type(cell).__name__}."
+            )
+        if not isinstance(reverse, bool):
+            raise TypeError(f"`reverse` must be a bool, got {reverse!r}.")
         self.cell = cell
         self.solver = solver
         self.adjoint = adjoint
@@ -110,8 +157,11 @@ class ParallelRNN(eqx.Module):
     ) -> Solution:
         """Like `__call__`, but returns the whole [`parassm.Solution`][] (result code
         and statistics as well as the hidden states)."""
+        _check_inputs(self.cell, xs)
         if state is None:
             state = _default_state(self.cell)
+        else:
+            _check_state(self.cell, state)
         if self.reverse:
             xs = jtu.tree_map(lambda x: jnp.flip(x, axis=0), xs)
             if init is not None:
