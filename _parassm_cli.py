@@ -15,6 +15,7 @@ import argparse
 import ast
 import dataclasses
 import importlib.util
+import math
 import os
 import pathlib
 import sys
@@ -357,6 +358,9 @@ def check_system_param(system: str, key: str, value: Any, param: Param) -> Any:
         ):
             raise UsageError(f"{expected} such as {_literal(param.default)}, got {value!r}")
         value = tuple(float(v) for v in value)
+    numbers = value if param.kind == "vector" else (value,)
+    if param.kind in ("float", "vector") and not all(math.isfinite(v) for v in numbers):
+        raise UsageError(f"{expected} and must be finite, got {value!r}")
     if param.positive and not value > 0:
         raise UsageError(f"{expected}, got {value!r}")
     return value

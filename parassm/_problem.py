@@ -94,6 +94,19 @@ def check_same_structure(out: PyTree, s0: PyTree, what: str) -> None:
         )
     for (path, o), s in zip(jtu.tree_flatten_with_path(out)[0], jtu.tree_leaves(s0)):
         name = _leaf_name("state", path)
+        if isinstance(o, bool | int | float | complex):
+            # A Python scalar is weakly typed: it takes the dtype of the state.
+            if s.shape != ():
+                raise ValueError(
+                    f"{what} returned {name} as the Python scalar {o!r}, but the same leaf "
+                    f"of `s0` has shape {s.shape}; the new state must have the same shape."
+                )
+            continue
+        if not hasattr(o, "shape"):
+            raise TypeError(
+                f"{what} returned {name} of type {type(o).__name__}; the new state must "
+                "be arrays with the structure of `s0`."
+            )
         if o.shape != s.shape:
             raise ValueError(
                 f"{what} returned {name} with shape {o.shape}, but the same leaf of "

@@ -319,11 +319,9 @@ def test_clear_error(case):
         fn()
 
 
-@pytest.mark.xfail(strict=True, reason="bug in _problem.check_same_structure (see report)")
 def test_f_returning_a_python_scalar():
-    # Today: AttributeError "'float' object has no attribute 'shape'" from the check of
-    # `f`'s output. Either outcome below is right: a clear error naming `f`, or (since a
-    # Python float is a fine scalar state) the right trajectory.
+    # Either outcome is right: a clear error naming `f`, or (since a Python float is a
+    # fine scalar state) the right trajectory.
     f = lambda s, x: 1.0  # noqa: E731
     try:
         sol = parassm.evaluate(f, jnp.array(0.0), 4, solver=parassm.DEER())
@@ -685,11 +683,9 @@ def test_cli_bad_input(capsys, argv, message):
     assert message in err
 
 
-@pytest.mark.xfail(strict=True, reason="_parassm_cli accepts non-finite numbers (see report)")
 @pytest.mark.parametrize("system, key", [("logistic", "r"), ("lorenz63", "dt")])
 def test_cli_non_finite_parameters(system, key):
-    # `--param r=1e999` is `ast.literal_eval`'d to inf and passes the checks; the
-    # diagnosis of the non-finite system then exits 0 ("regime marginal").
+    # `--param r=1e999` is `ast.literal_eval`'d to inf: a usage error, not a diagnosis.
     import _parassm_cli as front
 
     value = front.parse_value("1e999")

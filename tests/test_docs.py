@@ -415,9 +415,7 @@ def test_stated_cli_defaults_are_the_code_s():
 
 def test_api_pages_cover_every_public_name():
     names = set(_public_names())
-    modules = ["parassm", "parassm.linear", "parassm.systems", "parassm.nn"]
-    if hasattr(parassm, "diagnostics"):
-        modules.append("parassm.diagnostics")
+    modules = ["parassm", "parassm.linear", "parassm.systems", "parassm.nn", "parassm.diagnostics"]
     for module_name in modules:
         module = importlib.import_module(module_name)
         for name in dir(module):

@@ -80,9 +80,7 @@ class Cell(eqx.Module):
 
 
 def _cases():
-    solvers = [parassm.DEER(), parassm.QuasiDEER()]
-    if hasattr(parassm, "ELK"):
-        solvers.append(parassm.ELK())
+    solvers = [parassm.DEER(), parassm.QuasiDEER(), parassm.ELK()]
     # All slow: once, late in a full-suite run, XLA segfaulted compiling one of these
     # (they pass on their own); until that is understood they stay out of the default run.
     for n in (4, 8):
