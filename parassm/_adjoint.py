@@ -431,7 +431,9 @@ class ImplicitAdjoint(AbstractAdjoint):
             return solver.solve(f, s0, xs, length, init, max_steps)
         x0 = None if xs is None else jtu.tree_map(lambda x: x[0], xs)
         f = eqx.filter_closure_convert(f, s0, x0)
-        value, result, stats = solver.solve(
+        # The solver too: it may hold arrays of the model (a closed-form Jacobian of
+        # the cell), which only precondition the iteration.
+        value, result, stats = _stop(solver).solve(
             _stop(f), _stop(s0), _stop(xs), length, _stop(init), max_steps
         )
         ravel, unravel = ravelling(s0)

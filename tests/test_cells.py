@@ -62,3 +62,39 @@ def test_solvers_with_closed_forms_match_scan(kind, dtype):
         sol = parassm.evaluate(f, zero, xs=xs, solver=solver)
         for a, b in zip(jax.tree_util.tree_leaves(sol.value), jax.tree_util.tree_leaves(expected)):
             np.testing.assert_allclose(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize(
+    "solver, field, expected",
+    [
+        (parassm.DEER(), "jacobian", parassm.FunctionJacobian),
+        (parassm.QuasiDEER(), "diagonal", parassm.FunctionDiagonal),
+        (parassm.QuasiELK(), "diagonal", parassm.FunctionDiagonal),
+    ],
+    ids=["DEER", "QuasiDEER", "QuasiELK"],
+)
+def test_parallel_rnn_uses_closed_forms_and_differentiates_right(kind, solver, field, expected):
+    # ParallelRNN swaps the exact (forward-mode) derivatives of a known cell for its
+    # closed forms; the swapped solver holds the cell's arrays, which the implicit
+    # adjoint must not differentiate (they only precondition): gradients w.r.t. the
+    # cell's weights match lax.scan's.
+    from parassm.nn._rnn import with_closed_forms
+
+    cell, state, _ = _cell(kind, True, jnp.float64)
+    assert isinstance(getattr(with_closed_forms(solver, cell), field), expected)
+    custom = parassm.QuasiDEER(parassm.HutchinsonDiagonal())
+    assert with_closed_forms(custom, cell) is custom
+    xs = jr.normal(jr.key(4), (40, 3), jnp.float64)
+
+    def loss(cell, use):
+        if use == "scan":
+            ys = sequential(lambda s, x: cell(x, s), state, xs)
+        else:
+            ys = parassm.nn.ParallelRNN(cell, solver=solver)(xs, state)
+        return sum(jnp.sum(jnp.sin(y)) for y in jax.tree.leaves(ys))
+
+    grads = eqx.filter_grad(loss)(cell, "parassm")
+    expected_grads = eqx.filter_grad(loss)(cell, "scan")
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9)
