@@ -220,6 +220,10 @@ def bench_table(name: str) -> str:
     if not path.exists():
         return f"*No results yet: `bench/results/{name}` is not in this checkout.*"
     rows = json.loads(path.read_text())
+    if rows and rows[0].get("bench") == "peers":
+        return _peers_table(rows)
+    if rows and rows[0].get("bench") == "convergence":
+        return _convergence_table(rows)
     grid = [r for r in rows if r.get("bench") in ("core", "gpu_suite")]
     floor = [r for r in rows if r.get("bench") == "core_floor"]
     out = []
@@ -268,6 +272,63 @@ def bench_table(name: str) -> str:
             out.append(f"| `{piece}` | {t:.3f} |")
         out.append("")
     return "\n".join(out)
+
+
+def _peers_table(rows: list[dict]) -> str:
+    r0 = rows[0]
+    out = [
+        f"Measured with jax {r0['jax_version']} on {r0['backend']} ({r0['device']}, "
+        f"{r0.get('cpu_count', '?')} CPUs), float32, git `{r0['git_sha']}`, profile "
+        f"`{r0['profile']}`, {r0['timestamp']}. Run: the fastest of the round-robin "
+        "rounds; ratios to `lax.scan`, to the reference iteration with parassm's "
+        "iterations + 1, and to the fastest peer at the same point.",
+        "",
+        "| H | T | method | steps | result | max error | compile s | run ms | / lax.scan "
+        "| / reference | / fastest peer |",
+        "| ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if r.get("result") == "skipped":
+            out.append(
+                f"| {r['H']} | {r['T']} | {r.get('method', '')} | — | skipped | — | — | — "
+                f"| — | — | {r.get('note', '')} |"
+            )
+            continue
+        out.append(
+            f"| {r['H']} | {r['T']} | {r['method']} | {_fmt(r['steps'], '')} | "
+            f"{r['result']} | {_fmt(r['max_err'], '.1e')} | {r['compile_s']:.1f} | "
+            f"{r['run_s'] * 1e3:.1f} | {r['ratio_to_scan']:.1f} | "
+            f"{_fmt(r['ratio_to_reference'], '.2f')} | "
+            f"{_fmt(r['ratio_to_fastest_peer'], '.2f')} |"
+        )
+    return "\n".join(out + [""])
+
+
+def _convergence_table(rows: list[dict]) -> str:
+    r0 = rows[0]
+    solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    out = [
+        f"Measured with git `{r0['git_sha']}` on {r0['backend']}. Newton steps to "
+        "`successful` (**bold**: over 50; `!`: not successful within `max_steps`, "
+        "which is T at T = 1000 and 300 above). LLE: sequential estimate.",
+        "",
+        "| case | dtype | T | guess | LLE | " + " | ".join(solvers) + " |",
+        "| --- | --- | ---: | --- | ---: | " + " | ".join("---:" for _ in solvers) + " |",
+    ]
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["case"], r["dtype"], r["T"], r["guess"], r["lle"])
+        steps = str(r["steps"]) + ("" if r["successful"] else "!")
+        cells.setdefault(key, {})[r["solver"]] = (
+            f"**{steps}**" if r["steps"] > 50 or not r["successful"] else steps
+        )
+    for (case, dtype, T, guess, lle), by in cells.items():
+        out.append(
+            f"| {case} | {dtype} | {T} | {guess} | {lle:.3f} | "
+            + " | ".join(by.get(s, "—") for s in solvers)
+            + " |"
+        )
+    return "\n".join(out + [""])
 
 
 def on_page_markdown(markdown, page, config, files):
