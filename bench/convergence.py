@@ -24,6 +24,7 @@ JSON rows (with the git sha) go to `bench/results/convergence_<backend>.json`.
 import argparse
 import json
 import math
+import os
 import time
 
 import equinox as eqx
@@ -212,6 +213,9 @@ def main(argv=None):
     parser.add_argument("--exclude", default=None, help="skip cases containing this")
     parser.add_argument("--T", type=int, nargs="*", default=None, help="override the profile")
     parser.add_argument("--dtypes", nargs="*", default=None, help="override the profile")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the rows in the output file, run the rest"
+    )
     parser.add_argument("--solvers", default=",".join(SOLVERS))
     parser.add_argument("--output", default=None)
     parser.add_argument(
@@ -229,6 +233,10 @@ def main(argv=None):
     sha = git_sha()
     rows = []
     out = args.output or RESULTS_DIR / f"convergence_{jax.default_backend()}.json"
+    if args.resume and os.path.exists(out):
+        with open(out) as fh:
+            rows = json.load(fh)
+    done = {(r["case"], r["dtype"], r["T"], r["guess"]) for r in rows}
 
     def save():
         with open(out, "w") as fh:
@@ -256,6 +264,8 @@ def main(argv=None):
                 ref = _sequential(system, xs, T)
                 exponent = lle(system, xs, T)
                 for guess in prof["guesses"]:
+                    if (name, dtype_name, T, guess) in done:
+                        continue
                     init = None if guess == "default" else _random_guess(ref)
                     cells, errs = [], []
                     for sname, solver in solvers.items():

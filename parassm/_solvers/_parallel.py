@@ -143,16 +143,22 @@ def measure(
     return err, first_true(~(err <= 1)), tol
 
 
-# Scaled residuals above this count as this much in the merit: a blown-up or non-finite
-# trial has a finite merit, comparable with another blown-up one.
+# Scaled residuals above `MERIT_CAP / rtol` count as that much in the merit: a blown-up
+# or non-finite trial has a finite merit, comparable with another blown-up one. Relative
+# to `1 / rtol`, because a scaled residual is a residual over `rtol` times the size of
+# the trajectory: a poor guess has scaled residuals of order `1 / rtol` (about 1e11 in
+# float64), and a cap below that would make every such iterate look alike.
 MERIT_CAP = 1e10
 
 
-def merit(err: Float[Array, " T"]) -> Float[Array, ""]:
-    """`1/2 sum_t min(err_t, cap)^2`: the merit on the scaled residuals of `measure`,
-    invariant to the scale of the state, and finite whatever the iterate."""
-    capped = jnp.minimum(err, jnp.asarray(MERIT_CAP, err.dtype))
-    return 0.5 * jnp.sum(capped * capped)
+def merit(err: Float[Array, " T"], rtol: float) -> Float[Array, ""]:
+    """`1/2 mean_t min(err_t, cap)^2` with `cap = MERIT_CAP / rtol`: the merit on the
+    scaled residuals of `measure`, invariant to the scale of the state, and finite
+    whatever the iterate (a mean rather than a sum, so that float32 cannot overflow
+    for any T; the searches only compare merits and their ratios)."""
+    cap = MERIT_CAP / max(rtol, float(jnp.finfo(err.dtype).eps))
+    capped = jnp.minimum(err, jnp.asarray(cap, err.dtype))
+    return 0.5 * jnp.mean(capped * capped)
 
 
 def safeguarded(
@@ -373,11 +379,11 @@ def newton_loop(
             def predicted_merit():
                 r = state.S - state.fs
                 model = descent.model_residual(state.descent_state, r, trial - state.S)
-                return merit(jnp.max(jnp.abs(model), axis=1) / state.tol)
+                return merit(jnp.max(jnp.abs(model), axis=1) / state.tol, rtol)
 
             info = Trial(
-                merit=merit(state.err),
-                trial_merit=merit(trial_err),
+                merit=merit(state.err, rtol),
+                trial_merit=merit(trial_err, rtol),
                 worst=jnp.max(state.err),
                 trial_worst=jnp.max(trial_err),
                 front=state.front,

@@ -63,8 +63,8 @@ class Backtracking(AbstractSearch):
     step (the default of [`parassm.DEER`][] and [`parassm.QuasiDEER`][]).
 
     A trial is accepted if it decreases the merit: $L(S_{\text{trial}}) \le
-    (1 - c\,\tau) L(S)$ (Armijo), with $L = \frac12 \sum_t e_t^2$ the sum of the
-    squared scaled residuals of the convergence test (each capped at $10^{10}$, so
+    (1 - c\,\tau) L(S)$ (Armijo), with $L = \frac12 \operatorname{mean}_t e_t^2$ the mean of the
+    squared scaled residuals of the convergence test (each capped at $10^{10}/$`rtol`, so
     that a blown-up trial still has a finite merit) and $\tau$ the step size; **or**
     if it extends the converged front beyond $p + 1$ (it converges more steps than a
     sequential step would, so it made progress where it counts, even if the merit over
