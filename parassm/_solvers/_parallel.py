@@ -156,7 +156,9 @@ def merit(err: Float[Array, " T"], rtol: float) -> Float[Array, ""]:
     scaled residuals of `measure`, invariant to the scale of the state, and finite
     whatever the iterate (a mean rather than a sum, so that float32 cannot overflow
     for any T; the searches only compare merits and their ratios)."""
-    cap = MERIT_CAP / max(rtol, float(jnp.finfo(err.dtype).eps))
+    info = jnp.finfo(err.dtype)
+    # ... and no more than the dtype can square (float16: 128).
+    cap = min(MERIT_CAP / max(rtol, float(info.eps)), float(info.max) ** 0.5 / 2)
     capped = jnp.minimum(err, jnp.asarray(cap, err.dtype))
     return 0.5 * jnp.mean(capped * capped)
 
