@@ -206,9 +206,7 @@ def main(argv=None) -> int:
             if args.only and name not in args.only.split(","):
                 continue
             xs = system.inputs(T)
-            d = parassm.diagnose(
-                system.f, system.s0, T, xs=xs, solvers=tuple(SOLVERS.values())
-            )
+            d = parassm.diagnose(system.f, system.s0, T, xs=xs, solvers=tuple(SOLVERS.values()))
             measured = {}
             for label, solver in SOLVERS.items():
                 sol = parassm.evaluate(system.f, system.s0, T, xs=xs, solver=solver, throw=False)

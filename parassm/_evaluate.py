@@ -214,6 +214,16 @@ def scan(
         raise TypeError(f"`reverse` must be a bool, got {type(reverse).__name__}.")
     # Python scalars in the carry would be static arguments of the compiled function.
     init = jtu.tree_map(jnp.asarray, init)
+    if isinstance(solver, AbstractSolver):
+        # As in `evaluate`: host-side work with the caller's values (e.g. Auto's
+        # diagnosis of a concrete problem) before `_scan` traces them.
+        try:
+            T = time_length(xs, length)
+            carry = check_state(init, floating=True)
+        except (TypeError, ValueError):
+            pass
+        else:
+            solver.prepare(_CarryStep(f), carry, xs, T)
     return _scan(f, init, xs, length, reverse, solver, max_steps, throw, adjoint)
 
 

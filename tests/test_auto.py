@@ -294,3 +294,18 @@ def test_imports_run_one_way(package, forbidden):
         for name in _imports(path):
             parts = name.lstrip(".").split(".")
             assert not any(p in forbidden for p in parts), f"{path.name} imports {name}"
+
+
+def test_scan_diagnoses_a_concrete_problem_once():
+    f, s0, xs = _gru(jnp.float64)
+
+    def step(carry, x):
+        new = f(carry, x)
+        return new, 2 * new
+
+    auto = parassm.Auto(candidates=(CountingDEER(),), hardware=GPU_LIKE)
+    final, ys = parassm.scan(step, s0, xs, solver=auto)
+    assert len(auto_module._DECISIONS) == 1 and CALLS == ["DEER"]
+    np.testing.assert_allclose(ys, 2 * sequential(f, s0, xs), atol=1e-8)
+    parassm.scan(step, s0, 0.5 * xs, solver=auto)  # same signature: no new diagnosis
+    assert len(auto_module._DECISIONS) == 1
