@@ -238,6 +238,21 @@ def main(argv=None) -> int:
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / "heldout_cpu.json"
     path.write_text(json.dumps(rows, indent=1) + "\n")
+    lines = [
+        "| dtype | system | LLE (sequential) | regime | consistent | DEER pred / meas "
+        "| QuasiDEER pred / meas |",
+        "| --- | --- | ---: | --- | --- | ---: | ---: |",
+    ]
+    for r in rows:
+        cells = " | ".join(
+            f"{r['predicted'][k]} / {r['measured'][k]}" + ("" if r["within_2x"][k] else " ✗")
+            for k in SOLVERS
+        )
+        lines.append(
+            f"| {r['dtype']} | {r['system']} | {r['lle_sequential']:+.3f} | {r['regime']} | "
+            f"{'yes' if r['consistent'] else 'no'} | {cells} |"
+        )
+    (RESULTS_DIR / "heldout_cpu.md").write_text("\n".join(lines) + "\n")
     for dtype in args.dtypes.split(","):
         sub = [r for r in rows if r["dtype"] == dtype]
         if not sub:

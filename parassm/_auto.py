@@ -156,7 +156,9 @@ class Auto(AbstractSolver):
         calibrated default).
     """
 
-    candidates: tuple[AbstractParallelSolver, ...] = (DEER(), QuasiDEER())
+    candidates: tuple[AbstractParallelSolver, ...] = eqx.field(
+        default=(DEER(), QuasiDEER()), converter=tuple
+    )
     rtol: float | None = None
     atol: float | None = None
     hardware: Hardware | None = None
@@ -164,9 +166,9 @@ class Auto(AbstractSolver):
 
     def __check_init__(self):
         check_tolerances(self.rtol, self.atol)
-        if not isinstance(self.candidates, tuple) or not self.candidates:
+        if not self.candidates:
             raise TypeError(
-                "`candidates` must be a non-empty tuple of parallel solver instances, e.g. "
+                "`candidates` must be a non-empty sequence of parallel solver instances, e.g. "
                 f"`(parassm.DEER(), parassm.QuasiDEER())`; got {self.candidates!r}."
             )
         for candidate in self.candidates:
