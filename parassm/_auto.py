@@ -130,9 +130,9 @@ class Auto(AbstractSolver):
         signature: the structure and static parts of `f`, the shapes and dtypes of
         every array (not their values) and `T` rounded to a power of two. The predicted
         times pick the candidate, or Sequential if parallel evaluation is not at least
-        1.5x cheaper, if the system is unpredictable (LLE > 0), or if the candidates are
-        predicted to crawl (`>= T / 4` steps: periodic and marginal systems, where a
-        constant initial guess carries no phase).
+        1.5x cheaper, or if the regime is not "predictable": unpredictable (LLE > 0) or
+        marginal (periodic orbits, where a constant initial guess carries no phase and
+        Newton crawls; flows with an LLE about zero).
     3. **Under a transformation** (`jax.jit`, `jax.vmap`, `jax.grad` of a function
         that calls `evaluate`), the values are tracers: Auto uses the cached diagnosis
         of the same signature if there is one, and otherwise Sequential, which is never

@@ -185,10 +185,12 @@ def choose(
     sequential: float, parallel: Sequence[float], steps: Sequence[int], regime: str, length: int
 ) -> int | None:
     """Index of the parallel solver to use, or None for Sequential: the cheapest, if it
-    beats sequential by `MARGIN`, the system is not unpredictable and the solver is not
-    predicted to crawl (`>= T / 4` steps: periodic or marginal systems, where a constant
-    guess carries no phase and Newton gains about one state per step)."""
-    if regime == "unpredictable":
+    beats sequential by `MARGIN`, the system is predictable and the solver is not
+    predicted to crawl (`>= T / 4` steps). Marginal systems get Sequential: periodic
+    orbits (a constant guess carries no phase, and Newton gains about one state per
+    step) and flows with an LLE about zero, whose steps the prefix trial underestimates
+    (the held-out zoo in `docs/diagnostics.md`)."""
+    if regime != "predictable":
         return None
     best = min(range(len(parallel)), key=parallel.__getitem__)
     if 4 * steps[best] >= length or parallel[best] * MARGIN >= sequential:
@@ -339,8 +341,8 @@ def diagnose(
     4. compares predicted times with a model of the hardware measured on this machine
         ([`parassm.diagnostics.Hardware.detect`][]) and picks the cheapest solver,
         [`parassm.Sequential`][] unless parallel evaluation is predicted to be at least
-        1.5x cheaper (never when unpredictable, nor when the solvers are predicted to
-        crawl, `>= T / 4` steps: periodic and marginal systems).
+        1.5x cheaper and the system is predictable (never when unpredictable or
+        marginal: periodic orbits, LLE about zero).
 
     Cost: `O(lle_steps)` sequential steps of `f` and its JVP, plus at most
     `max_trial_steps` parallel iterations per solver on `proxy_length` steps: independent
