@@ -59,7 +59,9 @@ def chosen_index(system, solver, xs, batch: int) -> int:
 
 
 def memory_gb(name: str, H: int, T: int, batch: int) -> float:
-    per_step = {"DEER": H * H, "QuasiDEER": H}.get(name, H)
+    if name not in ("DEER", "QuasiDEER"):
+        return 4 * batch * T * 2 * H / 1e9  # the trajectory (Auto is costed as its choice)
+    per_step = H * H if name == "DEER" else H
     # The Jacobians, and about four trajectory-sized work arrays per iteration.
     return 4 * batch * T * (3 * per_step + 4 * H) / 1e9
 
@@ -69,15 +71,17 @@ def run_config(H: int, T: int, batch: int, rounds: int, max_gb: float) -> list[d
     xs = system.inputs(T)
     if batch > 1:
         xs = jnp.stack([xs * (1 + 0.01 * i) for i in range(batch)])
-    compiled, compile_s, skipped = {}, {}, {}
+    compiled, compile_s, skipped, hlo = {}, {}, {}, {}
     for name, solver in SOLVERS.items():
         if memory_gb(name, H, T, batch) > max_gb:
             skipped[name] = f"needs ~{memory_gb(name, H, T, batch):.1f} GB > --max-gb"
             continue
         fn = make_fn(system, solver, batch)
         start = time.perf_counter()
-        compiled[name] = fn.lower(xs).compile()
+        lowered = fn.lower(xs)
+        compiled[name] = lowered.compile()
         compile_s[name] = time.perf_counter() - start
+        hlo[name] = lowered.as_text()
     for fn in compiled.values():
         jax.block_until_ready(fn(xs))  # warm-up
     times = {name: math.inf for name in compiled}
@@ -110,6 +114,9 @@ def run_config(H: int, T: int, batch: int, rounds: int, max_gb: float) -> list[d
         )
         if name == "Auto" and choice in compile_s:
             row["compile_ratio_to_chosen"] = compile_s["Auto"] / compile_s[choice]
+            # The same program as the chosen solver's: a run-time ratio away from 1 is
+            # then the machine's noise, not Auto.
+            row["same_program_as_chosen"] = hlo["Auto"] == hlo[choice]
         rows.append(row)
     return rows
 
@@ -183,6 +190,8 @@ def main(argv=None) -> int:
                         note = f"chose {r['auto_choice']}"
                         if "compile_ratio_to_chosen" in r:
                             note += f", compile x{r['compile_ratio_to_chosen']:.2f} of it"
+                            if r["same_program_as_chosen"]:
+                                note += ", same HLO"
                     run = "-" if r["run_s"] is None else f"{1e3 * r['run_s']:.3f}"
                     comp = "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
                     ratio = r["ratio_to_best_candidate"]
