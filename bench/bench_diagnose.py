@@ -114,7 +114,7 @@ def main():
     rows = []
     for label, make in ZOO.items():
         print(f"{label} ...", file=sys.stderr)
-        rows.append(bench_system(label, make(), args.T))
+        rows.append(bench_system(label, make("float64"), args.T))
     names = list(MEASURED)
     header = f"{'system':<20}{'LLE':>8} {'regime':<14}" + "".join(
         f"{n + ' p/m':>16}" for n in names

@@ -3,10 +3,12 @@
 For each system of `ZOO`: run the diagnosis trials (one per solver, on the proxy
 prefix) and evaluate the full problem with each solver to measure its Newton steps.
 Then grid-search the extrapolation constants (`crawl_fraction` and one factor per
-solver) that minimise the mean |log(predicted / measured)|, and write them, with the
-rows they were fitted on, to `parassm/diagnostics/calibration.json`.
+solver) that minimise the mean |log(predicted / measured)|, per dtype (each at the
+solvers' default tolerance, `eps ** 0.7`), and write them, with the rows they were
+fitted on, to `parassm/diagnostics/calibration.json`. The held-out evaluation is
+`bench/heldout.py` (different systems).
 
-    python bench/calibrate_steps.py [--T 1024]
+    python bench/calibrate_steps.py [--T 1024] [--dtypes float32,float64]
 """
 
 import argparse
@@ -27,23 +29,23 @@ import parassm
 from parassm._problem import flatten
 from parassm._timing import environment
 from parassm.diagnostics._diagnose import default_settings, diagnose_flat
-from parassm.diagnostics._predict import CALIBRATION_FILE, extrapolate, TRIAL_OF
+from parassm.diagnostics._predict import CALIBRATION_FILE, extrapolate, trial_solver
 
 
 ROOT = pathlib.Path(__file__).resolve().parent
 S = parassm.systems
 ZOO = {
-    "gru": lambda: S.GRU(hidden_size=16),
-    "tanh_rnn(a=0.8)": lambda: S.TanhRNN(a=0.8),
-    "tanh_rnn(a=10)": lambda: S.TanhRNN(a=10.0),
-    "mean_field(g=0.5)": lambda: S.MeanFieldRNN(size=16, g=0.5),
-    "mean_field(g=2)": lambda: S.MeanFieldRNN(size=16, g=2.0),
-    "logistic(r=4)": lambda: S.Logistic(r=4.0),
-    "tent(mu=0.7)": lambda: S.Tent(mu=0.7, x0=0.8),
-    "henon": lambda: S.Henon(),
-    "lorenz63(rk4)": lambda: S.Lorenz63(integrator="rk4"),
-    "two_well": lambda: S.TwoWellLangevin(),
-    "s5": lambda: S.S5WordProblem(),
+    "gru": lambda dtype: S.GRU(hidden_size=16, dtype=dtype),
+    "tanh_rnn(a=0.8)": lambda dtype: S.TanhRNN(a=0.8, dtype=dtype),
+    "tanh_rnn(a=10)": lambda dtype: S.TanhRNN(a=10.0, dtype=dtype),
+    "mean_field(g=0.5)": lambda dtype: S.MeanFieldRNN(size=16, g=0.5, dtype=dtype),
+    "mean_field(g=2)": lambda dtype: S.MeanFieldRNN(size=16, g=2.0, dtype=dtype),
+    "logistic(r=4)": lambda dtype: S.Logistic(r=4.0, dtype=dtype),
+    "tent(mu=0.7)": lambda dtype: S.Tent(mu=0.7, x0=0.8, dtype=dtype),
+    "henon": lambda dtype: S.Henon(dtype=dtype),
+    "lorenz63(rk4)": lambda dtype: S.Lorenz63(integrator="rk4", dtype=dtype),
+    "two_well": lambda dtype: S.TwoWellLangevin(dtype=dtype),
+    "s5": lambda dtype: S.S5WordProblem(dtype=dtype),
 }
 MEASURED = {
     "DEER": parassm.DEER(),
@@ -64,14 +66,26 @@ def measure_steps(system, T, xs) -> dict[str, int]:
 def trials(system, T, xs, settings):
     run = eqx.filter_jit(lambda s0, xs: diagnose_flat(flatten(system.f, s0), xs, T, settings))
     out = run(system.s0, xs)
-    return {k: (np.asarray(h), np.asarray(r)) for k, (h, r) in out["trials"].items()}
+    return {
+        name: tuple(np.asarray(a) for a in out["trials"][i])
+        for i, name in enumerate(_trial_names(settings))
+    }
+
+
+def _trial_names(settings):
+    names = []
+    for solver in settings.solvers:
+        name = type(trial_solver(solver)).__name__
+        if name not in names:
+            names.append(name)
+    return names
 
 
 _extrapolate = jax.jit(extrapolate, static_argnums=(2, 3, 4, 5))
 
 
 def predict(row, name, T, proxy, crawl, factor):
-    h, r = row["trials"][TRIAL_OF[name]]
+    h, r = row["trials"][type(trial_solver(MEASURED[name])).__name__]
     return int(_extrapolate(jax.numpy.asarray(h), jax.numpy.asarray(r), proxy, T, crawl, factor))
 
 
@@ -79,25 +93,7 @@ def loss(pred, measured):
     return abs(math.log(pred / max(measured, 1)))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--T", type=int, default=1024)
-    args = parser.parse_args()
-    T = args.T
-    settings = default_settings(solvers=tuple(MEASURED))
-    proxy = min(T, settings.proxy_length)
-    rows = []
-    for label, make in ZOO.items():
-        system = make()
-        xs = system.inputs(T)
-        print(f"{label} ...", file=sys.stderr)
-        rows.append(
-            dict(
-                system=label,
-                trials=trials(system, T, xs, settings),
-                measured=measure_steps(system, T, xs),
-            )
-        )
+def fit(rows, T, proxy):
     crawls = [0.15, 0.2, 0.25, 0.3, 0.4, 0.5]
     factors = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
     best = None
@@ -114,22 +110,54 @@ def main():
             total += errs[chosen[name]]
         if best is None or total < best[0]:
             best = (total, crawl, chosen)
-    total, crawl, chosen = best
-    chosen["ELK"] = chosen["DEER"]
-    table = []
-    for r in rows:
-        pred = {n: predict(r, n, T, proxy, crawl, chosen[n]) for n in MEASURED}
-        table.append(dict(system=r["system"], T=T, measured=r["measured"], predicted=pred))
-        print(
-            f"{r['system']:<20}"
-            + "".join(f"{n}: {pred[n]:>5} / {r['measured'][n]:<5} " for n in MEASURED)
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--T", type=int, default=1024)
+    parser.add_argument("--dtypes", default="float32,float64")
+    args = parser.parse_args()
+    T = args.T
+    settings = default_settings(tuple(MEASURED.values()), conditioning=False)
+    proxy = min(T, settings.proxy_length)
+    by_dtype, table = {}, []
+    for dtype in args.dtypes.split(","):
+        rows = []
+        for label, make in ZOO.items():
+            system = make(dtype)
+            xs = system.inputs(T)
+            print(f"{dtype} {label} ...", file=sys.stderr)
+            rows.append(
+                dict(
+                    system=label,
+                    trials=trials(system, T, xs, settings),
+                    measured=measure_steps(system, T, xs),
+                )
+            )
+        total, crawl, chosen = fit(rows, T, proxy)
+        chosen["ELK"] = chosen["DEER"]
+        chosen["QuasiELK"] = chosen["QuasiDEER"]
+        by_dtype[dtype] = dict(
+            crawl_fraction=crawl,
+            factors=chosen,
+            mean_abs_log_error=total / len(MEASURED),
+            rtol="default (eps**0.7)",
         )
+        for r in rows:
+            pred = {n: predict(r, n, T, proxy, crawl, chosen[n]) for n in MEASURED}
+            table.append(
+                dict(system=r["system"], dtype=dtype, T=T, measured=r["measured"], predicted=pred)
+            )
+            print(
+                f"{dtype} {r['system']:<20}"
+                + "".join(f"{n}: {pred[n]:>5} / {r['measured'][n]:<5} " for n in MEASURED)
+            )
+    old = json.loads(CALIBRATION_FILE.read_text()).get("by_dtype", {})
     calibration = dict(
         proxy_length=settings.proxy_length,
         max_trial_steps=settings.max_trial_steps,
-        crawl_fraction=crawl,
-        factors=chosen,
-        mean_abs_log_error=total / len(MEASURED),
+        by_dtype={**old, **by_dtype},
         produced_by="bench/calibrate_steps.py",
         date=datetime.date.today().isoformat(),
         environment=environment(),
@@ -138,7 +166,7 @@ def main():
     with open(CALIBRATION_FILE, "w") as f:
         json.dump(calibration, f, indent=1)
         f.write("\n")
-    print(f"wrote {CALIBRATION_FILE}: crawl_fraction={crawl}, factors={chosen}", file=sys.stderr)
+    print(f"wrote {CALIBRATION_FILE}: {by_dtype}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -100,8 +100,8 @@ HOMES = [
     ("parassm.nn", "api/nn.md"),
     ("parassm.systems", "api/systems.md"),
 ]
-# mkdocstrings options for particular names. `Hardware.detect` has no docstring yet but is
-# cross-referenced from `parassm.Auto`'s docstring, so its (undocumented) members are shown.
+# mkdocstrings options for particular names. `Hardware`'s members are cross-referenced
+# from `parassm.Auto`'s docstring, so all of them are shown.
 OPTIONS: dict[str, dict[str, object]] = {
     "parassm.diagnostics.Hardware": {"show_if_no_docstring": True},
 }

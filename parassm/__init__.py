@@ -10,6 +10,7 @@ from ._adjoint import (
     SequentialScan as SequentialScan,
     UnrolledAdjoint as UnrolledAdjoint,
 )
+from ._auto import Auto as Auto
 from ._evaluate import evaluate as evaluate, scan as scan
 from ._sharding import Sharded as Sharded, ShardedScan as ShardedScan
 from ._solution import RESULTS as RESULTS, Solution as Solution
@@ -22,7 +23,6 @@ from ._solvers._search import (
     TrustRegion as TrustRegion,
     Undamped as Undamped,
 )
-from ._solvers.auto import Auto as Auto
 from ._solvers.block import BlockQuasiDEER as BlockQuasiDEER
 from ._solvers.deer import (
     AbstractJacobian as AbstractJacobian,

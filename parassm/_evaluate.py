@@ -9,10 +9,10 @@ import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
+from ._auto import Auto
 from ._problem import check_same_structure, check_state, step_output, time_length
 from ._solution import RESULTS, Solution
 from ._solvers._base import AbstractSolver
-from ._solvers.auto import Auto
 from ._solvers.sequential import Sequential
 
 
@@ -33,7 +33,6 @@ def _check_init(init: PyTree, s0: PyTree, length: int) -> PyTree:
     return init
 
 
-@eqx.filter_jit
 def evaluate(
     f: Callable[[PyTree[Array], Any], PyTree[Array]],
     s0: PyTree[Array],
@@ -97,6 +96,39 @@ def evaluate(
         sol.value.shape  # (1000,)
         ```
     """
+    extra = {}
+    if isinstance(solver, AbstractSolver) and not isinstance(T, bool):
+        # The choice of solver is made here, on the host, with the caller's values
+        # (concrete, or tracers under an outer transformation), so that the compiled
+        # program below is keyed on the solver that runs (e.g. Auto's choice). Bad input
+        # is reported by the checks of `_evaluate`.
+        try:
+            length = time_length(xs, T)
+            s0_checked = check_state(s0, floating=True)
+            check_same_structure(step_output(f, s0_checked, xs), s0_checked, "`f`")
+        except (TypeError, ValueError):
+            pass
+        else:
+            solver.prepare(f, s0_checked, xs, length)
+            solver, extra = solver.select(f, s0_checked, xs, length)
+    sol = _evaluate(
+        f,
+        s0,
+        T,
+        xs=xs,
+        solver=solver,
+        init=init,
+        max_steps=max_steps,
+        throw=throw,
+        adjoint=adjoint,
+    )
+    if extra:
+        sol = Solution(value=sol.value, result=sol.result, stats=dict(sol.stats, **extra))
+    return sol
+
+
+@eqx.filter_jit
+def _evaluate(f, s0, T, *, xs, solver, init, max_steps, throw, adjoint) -> Solution:
     if not isinstance(solver, AbstractSolver):
         raise TypeError(
             f"`solver` must be a parassm solver (e.g. `parassm.QuasiDEER()`), got "
@@ -123,7 +155,9 @@ def evaluate(
     check_same_structure(step_output(f, s0, xs), s0, "`f`")
     if init is not None:
         init = _check_init(init, s0, length)
+    solver, extra = solver.select(f, s0, xs, length)
     value, result, stats = adjoint.apply(solver, f, s0, xs, length, init, max_steps)
+    stats = dict(stats, **extra)
     if throw:
         value, stats = result.error_if((value, stats), result != RESULTS.successful)
     return Solution(value=value, result=result, stats=stats)
@@ -180,6 +214,16 @@ def scan(
         raise TypeError(f"`reverse` must be a bool, got {type(reverse).__name__}.")
     # Python scalars in the carry would be static arguments of the compiled function.
     init = jtu.tree_map(jnp.asarray, init)
+    if isinstance(solver, AbstractSolver):
+        # As in `evaluate`: host-side work with the caller's values (e.g. Auto's
+        # diagnosis of a concrete problem) before `_scan` traces them.
+        try:
+            T = time_length(xs, length)
+            carry = check_state(init, floating=True)
+        except (TypeError, ValueError):
+            pass
+        else:
+            solver.prepare(_CarryStep(f), carry, xs, T)
     return _scan(f, init, xs, length, reverse, solver, max_steps, throw, adjoint)
 
 

@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 
 # Most of this suite's time is XLA compiling small programs, and LLVM's optimisation
@@ -6,6 +7,9 @@ import os
 # speed, so compile without them unless the caller set XLA_FLAGS. Read when the
 # backend starts, so before any test touches jax.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# The hardware model Auto measures (with those flags) goes to a throwaway cache, not the
+# user's.
+os.environ.setdefault("PARASSM_CACHE_DIR", tempfile.mkdtemp(prefix="parassm-test-cache-"))
 
 import jax
 import jax.random as jr

@@ -21,7 +21,13 @@ from .helpers import sequential
 
 
 R = parassm.RESULTS
-CPU = Hardware(width=1.0, level_latency=1.0, name="2-core cpu")
+CPU = Hardware(
+    step_latency=5e-8,
+    sequential_flops=2e10,
+    call_latency=5e-6,
+    vector_flops=4e10,
+    name="2-core cpu",
+)
 
 
 def contract(x, a=0.5):
@@ -246,7 +252,8 @@ ERRORS = {
         TypeError,
         "exact solver",
     ),
-    "Auto solver": (lambda: parassm.Auto(solvers=("Newton",)), ValueError, "Unknown solver"),
+    "Auto candidate name": (lambda: parassm.Auto(candidates=("DEER",)), TypeError, "instance"),
+    "Auto no candidates": (lambda: parassm.Auto(candidates=()), TypeError, "non-empty"),
     # diagnose.
     "diagnose T zero": (
         lambda: parassm.diagnose(lambda s, x: s, s0_2, 0),

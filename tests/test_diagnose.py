@@ -15,7 +15,16 @@ from .helpers import sequential
 
 
 S = parassm.systems
-GPU_LIKE = Hardware(width=2.0e4, level_latency=2.0, name="gpu-like")
+GPU_LIKE = Hardware(
+    step_latency=5e-6, sequential_flops=1e9, call_latency=5e-6, vector_flops=1e13, name="gpu-like"
+)
+CPU = Hardware(
+    step_latency=5e-8,
+    sequential_flops=2e10,
+    call_latency=5e-6,
+    vector_flops=4e10,
+    name="2-core cpu",
+)
 SOLVERS = ("DEER", "QuasiDEER", "ELK", "Jacobi")
 T = 1024
 
@@ -127,12 +136,11 @@ def test_contracting_but_slow_is_not_promised_fast(system):
 @pytest.mark.slow
 def test_cpu_recommends_sequential(gru):
     system, _, xs = gru
-    cpu = Hardware(width=1.0, level_latency=1.0, name="2-core cpu")
     d = parassm.diagnose(
-        system.f, system.s0, T, xs=xs, solvers=SOLVERS, hardware=cpu, proxy_length=64
+        system.f, system.s0, T, xs=xs, solvers=SOLVERS, hardware=CPU, proxy_length=64
     )
     assert isinstance(d.recommended, parassm.Sequential)
-    # On a machine of width 1 one vectorised iteration over T steps costs at least T
+    # On a narrow machine one vectorised iteration over T steps costs at least T
     # sequential steps, so no parallel candidate can be cheaper, whatever its steps.
     parallel = {k: v for k, v in d.costs.items() if k != "Sequential"}
     assert parallel and min(parallel.values()) >= T
@@ -152,26 +160,25 @@ def test_auto_static_sequential_on_a_narrow_machine():
     # the same thing everywhere.)
     system = S.GRU(hidden_size=4)
     xs = system.inputs(200)
-    cpu = Hardware(width=1.0, level_latency=1.0, name="2-core cpu")
-    auto = parassm.Auto(hardware=cpu)
-    assert auto.runs_sequentially(system.s0, 200)
+    auto = parassm.Auto(hardware=CPU)
+    assert isinstance(auto.decide(system.f, system.s0, xs=xs), parassm.Sequential)
     sol = parassm.evaluate(system.f, system.s0, xs=xs, solver=auto)
     assert int(sol.stats["solver"]) == 0
     assert jnp.array_equal(sol.value, sequential(system.f, system.s0, xs))
-    # ... while on a wide machine the same problem is diagnosed at run time.
-    assert not parassm.Auto(hardware=GPU_LIKE).runs_sequentially(system.s0, 200)
 
 
-def test_auto_switches_at_run_time_under_jit():
+def test_auto_decides_on_the_host_under_jit():
     auto = parassm.Auto(hardware=GPU_LIKE, proxy_length=64)
     gru = S.GRU(hidden_size=4)
     logistic = S.Logistic(r=4.0)
+    xs = gru.inputs(T)
 
     @jax.jit
     def run_gru(xs):
         return parassm.evaluate(gru.f, gru.s0, xs=xs, solver=auto)
 
-    xs = gru.inputs(T)
+    # A concrete call diagnoses the problem's signature; jit then reuses the decision.
+    assert isinstance(auto.decide(gru.f, gru.s0, xs=xs), parassm.DEER | parassm.QuasiDEER)
     sol = run_gru(xs)
     assert int(sol.stats["solver"]) > 0  # a parallel solver
     np.testing.assert_allclose(sol.value, sequential(gru.f, gru.s0, xs), atol=1e-8)
@@ -181,7 +188,7 @@ def test_auto_switches_at_run_time_under_jit():
 
 
 def test_auto_validation():
-    with pytest.raises(ValueError, match="Unknown solver"):
-        parassm.Auto(solvers=("Newton",))
+    with pytest.raises(TypeError, match="instance"):
+        parassm.Auto(candidates=("DEER",))
     with pytest.raises(ValueError, match="rtol"):
         parassm.Auto(rtol=-1.0)

@@ -26,6 +26,19 @@ class AbstractSolver(eqx.Module):
         """Evaluate the trajectory. Inputs are already validated by
         [`parassm.evaluate`][]; returns `(value, result, stats)`."""
 
+    def prepare(self, f: Callable, s0: PyTree, xs: PyTree | None, length: int) -> None:
+        """Host-side work before [`parassm.evaluate`][] traces the problem, with the
+        caller's values (concrete, or tracers under an outer transformation): e.g.
+        [`parassm.Auto`][] diagnoses a concrete problem here. Nothing by default."""
+
+    def select(
+        self, f: Callable, s0: PyTree[Array], xs: PyTree | None, length: int
+    ) -> tuple["AbstractSolver", dict[str, Array]]:
+        """At trace time, the solver that actually runs (a Python object: one compiled
+        program, one decision for a whole `vmap` batch) and statistics to add to its
+        own. `(self, {})` by default."""
+        return self, {}
+
     def runs_sequentially(self, s0: PyTree[Array], length: int) -> bool:
         """True if this solver is known, at trace time, to evaluate by `jax.lax.scan`
         alone, so that its value can be differentiated as it stands. False by default."""

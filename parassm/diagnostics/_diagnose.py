@@ -13,33 +13,31 @@ from jaxtyping import Array, PyTree
 
 from .._problem import check_same_structure, check_state, Flat, flatten, step_output, time_length
 from .._solvers._base import AbstractSolver
+from .._solvers._parallel import AbstractParallelSolver
 from .._solvers.deer import DEER
+from .._solvers.elk import ELK
 from .._solvers.jacobi import Jacobi
 from .._solvers.picard import Picard
 from .._solvers.quasi_deer import QuasiDEER
 from .._solvers.sequential import Sequential
 from ._conditioning import Conditioning, conditioning_flat
+from ._hardware import Hardware, step_flops
 from ._lyapunov import qr_log_stretch, slice_inputs, trajectory_before
 from ._predict import (
+    calibrated,
     calibration,
     extrapolate,
-    Hardware,
-    iteration_cost,
+    factor,
+    iteration_time,
     SOLVER_NAMES,
-    TRIAL_OF,
+    trial_solver,
 )
 from ._trial import converged_prefix_history, steps_to_reach
 
 
 REGIMES = ("predictable", "marginal", "unpredictable")
-# Solvers that can be recommended (ELK is predicted but not run).
-RUNNABLE = {
-    "Sequential": Sequential,
-    "DEER": DEER,
-    "QuasiDEER": QuasiDEER,
-    "Picard": Picard,
-    "Jacobi": Jacobi,
-}
+# The solvers `diagnose(solvers=...)` knows by name.
+BY_NAME = {"DEER": DEER, "QuasiDEER": QuasiDEER, "ELK": ELK, "Picard": Picard, "Jacobi": Jacobi}
 # Parallel evaluation must be predicted this much cheaper than sequential to be chosen.
 MARGIN = 1.5
 # |LLE| below this (per step) counts as zero: an isometry or a finite-time estimate.
@@ -53,34 +51,55 @@ def fast_limit(length: int) -> float:
     return max(8.0, 2.0 * math.log2(max(length, 2)))
 
 
+def as_solvers(solvers: Sequence) -> tuple[tuple[str, ...], tuple[AbstractParallelSolver, ...]]:
+    """Names (for reports) and instances of the solvers to predict: names among
+    `SOLVER_NAMES` or parallel solver instances."""
+    names, out = [], []
+    for solver in solvers:
+        if isinstance(solver, str):
+            if solver not in BY_NAME:
+                raise ValueError(
+                    f"Unknown solver {solver!r} to predict; choose from {', '.join(SOLVER_NAMES)}."
+                )
+            solver = BY_NAME[solver]()
+        if not isinstance(solver, AbstractParallelSolver):
+            raise TypeError(
+                "Solvers to predict are names or parallel solver instances (e.g. "
+                f"`parassm.DEER()`), got {solver!r}."
+            )
+        name = type(solver).__name__
+        while name in names:
+            name += "'"
+        names.append(name)
+        out.append(solver)
+    if not out:
+        raise ValueError("Give at least one parallel solver to predict.")
+    return tuple(names), tuple(out)
+
+
 class Settings(eqx.Module):
     """The knobs of the diagnosis (static)."""
 
-    solvers: tuple[str, ...] = eqx.field(static=True)
+    solvers: tuple[AbstractParallelSolver, ...] = eqx.field(static=True)
     proxy_length: int = eqx.field(static=True)
     max_trial_steps: int = eqx.field(static=True)
     lle_steps: int = eqx.field(static=True)
     window: int = eqx.field(static=True)
-    hardware: Hardware = eqx.field(static=True)
+    conditioning: bool = eqx.field(static=True)
 
     def __check_init__(self):
-        for name in self.solvers:
-            if name not in SOLVER_NAMES:
-                raise ValueError(
-                    f"Unknown solver {name!r} to predict; choose from {', '.join(SOLVER_NAMES)}."
-                )
         for name in ("proxy_length", "max_trial_steps", "lle_steps", "window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
 
 
 def default_settings(
-    solvers: Sequence[str] = SOLVER_NAMES,
-    hardware: Hardware | None = None,
+    solvers: Sequence[AbstractParallelSolver],
     proxy_length: int | None = None,
     max_trial_steps: int | None = None,
     lle_steps: int = 512,
     window: int = 16,
+    conditioning: bool = True,
 ) -> Settings:
     cal = calibration()
     return Settings(
@@ -89,14 +108,16 @@ def default_settings(
         max_trial_steps=cal["max_trial_steps"] if max_trial_steps is None else max_trial_steps,
         lle_steps=lle_steps,
         window=window,
-        hardware=Hardware.detect() if hardware is None else hardware,
+        conditioning=conditioning,
     )
 
 
 def diagnose_flat(flat: Flat, xs: PyTree | None, length: int, settings: Settings) -> dict:
-    """Everything the diagnosis computes, as arrays (traceable: `Auto` runs it under
-    `jit`)."""
-    cal = calibration()
+    """Everything the diagnosis measures, as arrays (traceable; run under `jit` on the
+    host's concrete problem by `diagnose` and `Auto`). `predicted` is a tuple, one
+    entry per solver of `settings`."""
+    dtype = flat.s0.dtype
+    cal = calibrated(dtype)
     n_lle = min(length, settings.lle_steps)
     xs_lle = slice_inputs(xs, 0, n_lle)
     stretch = qr_log_stretch(flat, xs_lle, trajectory_before(flat, xs_lle, n_lle), 1)[:, 0]
@@ -104,71 +125,77 @@ def diagnose_flat(flat: Flat, xs: PyTree | None, length: int, settings: Settings
     lle = running[-1]
     Tp = min(length, settings.proxy_length)
     xs_p = slice_inputs(xs, 0, Tp)
-    window = min(settings.window, max(Tp - 1, 1))
-    if flat.size > 64:
-        window = min(window, 8)
-    cond = conditioning_flat(flat, xs_p, Tp, window, lle, length)
+    cond = None
+    if settings.conditioning:
+        window = min(settings.window, max(Tp - 1, 1))
+        if flat.size > 64:
+            window = min(window, 8)
+        cond = conditioning_flat(flat, xs_p, Tp, window, lle, length)
     K = min(settings.max_trial_steps, Tp)
     trials = {}
-    for name in settings.solvers:
-        trial = TRIAL_OF[name]
+    for solver in settings.solvers:
+        trial = trial_solver(solver)
         if trial not in trials:
-            solver = RUNNABLE[trial]()
-            trials[trial] = converged_prefix_history(solver, flat, xs_p, Tp, K)
-    predicted = {
-        name: extrapolate(
-            *trials[TRIAL_OF[name]], Tp, length, cal["crawl_fraction"], cal["factors"][name]
-        )
-        for name in settings.solvers
-    }
-    proxy_steps = {name: steps_to_reach(h[0], Tp) for name, h in trials.items()}
+            trials[trial] = converged_prefix_history(trial, flat, xs_p, Tp, K)
+    predicted = tuple(
+        extrapolate(*trials[trial_solver(s)], Tp, length, cal["crawl_fraction"], factor(s, dtype))
+        for s in settings.solvers
+    )
+    proxy_steps = tuple(steps_to_reach(trials[trial_solver(s)][0], Tp) for s in settings.solvers)
     regime = classify(lle, predicted, length)
-    names, costs = candidate_costs(predicted, flat.size, length, settings.hardware)
-    choice = choose(costs, regime)
     return dict(
         lle=lle,
         lle_history=running,
         conditioning=cond,
-        trials=trials,
+        trials=tuple(trials.values()),
         proxy_steps=proxy_steps,
         predicted=predicted,
         regime=regime,
-        candidates=names,
-        costs=costs,
-        choice=choice,
     )
 
 
-def classify(lle: Array, predicted: dict[str, Array], length: int) -> Array:
-    """0 predictable, 1 marginal, 2 unpredictable (see `Diagnosis`)."""
-    newton = [predicted[n] for n in ("DEER", "QuasiDEER", "ELK") if n in predicted]
-    newton = newton or list(predicted.values())
-    best = jnp.min(jnp.stack(newton)) if newton else jnp.array(length)
+def classify(lle: Array, predicted: Sequence[Array], length: int) -> Array:
+    """0 predictable, 1 marginal, 2 unpredictable (see `Diagnosis`), from the LLE and
+    the fewest predicted steps."""
+    best = jnp.min(jnp.stack(predicted))
     crawls = 4 * best >= length
     unpredictable = (lle > LLE_TOL) & ((lle * length > UNPREDICTABLE_GROWTH) | crawls)
     predictable = (lle < -LLE_TOL) & (best.astype(lle.dtype) <= fast_limit(length))
     return jnp.where(unpredictable, 2, jnp.where(predictable, 0, 1))
 
 
-def candidate_costs(
-    predicted: dict[str, Array], size: int, length: int, hardware: Hardware
-) -> tuple[tuple[str, ...], Array]:
-    """Predicted times, in sequential steps, of Sequential and each runnable solver."""
-    names = ("Sequential",) + tuple(n for n in predicted if n in RUNNABLE)
-    dtype = jnp.result_type(float)
-    costs = [jnp.asarray(length, dtype)]
-    for name in names[1:]:
-        per_iteration = iteration_cost(name, size, length, hardware)
-        costs.append(predicted[name].astype(dtype) * per_iteration)
-    return names, jnp.stack(costs)
+def costs(
+    solvers: Sequence[AbstractParallelSolver],
+    steps: Sequence[int],
+    size: int,
+    flops: float,
+    length: int,
+    hardware: Hardware,
+) -> tuple[float, list[float]]:
+    """Predicted seconds of Sequential and of each solver at its predicted steps (one
+    more evaluation than steps: the last confirms convergence)."""
+    sequential = hardware.sequential_time(length, flops)
+    parallel = [
+        (k + 1) * iteration_time(s, size, flops, length, hardware) for s, k in zip(solvers, steps)
+    ]
+    return sequential, parallel
 
 
-def choose(costs: Array, regime: Array) -> Array:
-    """Index into the candidates: the cheapest, if parallel beats sequential by
-    `MARGIN` and the system is not unpredictable; else 0 (Sequential)."""
-    best = jnp.argmin(costs[1:]) + 1
-    pays = costs[best] * MARGIN < costs[0]
-    return jnp.where(pays & (regime != 2), best, 0)
+def choose(
+    sequential: float, parallel: Sequence[float], steps: Sequence[int], regime: str, length: int
+) -> int | None:
+    """Index of the parallel solver to use, or None for Sequential: the cheapest, if it
+    beats sequential by `MARGIN`, the system is predictable and the solver is not
+    predicted to crawl (`>= T / 4` steps). Marginal systems get Sequential: periodic
+    orbits (a constant guess carries no phase, and Newton gains about one state per
+    step) and flows with an LLE about zero, whose steps the prefix trial underestimates
+    (the held-out zoo in `docs/diagnostics.md`)."""
+    if regime != "predictable":
+        return None
+    best = min(range(len(parallel)), key=parallel.__getitem__)
+    if 4 * steps[best] >= length or parallel[best] * MARGIN >= sequential:
+        return None
+    return best
 
 
 def _float(x) -> float | None:
@@ -203,6 +230,8 @@ class Diagnosis(eqx.Module):
     - `recommended`: the solver to use (an instance; [`parassm.Sequential`][] when
         parallel evaluation cannot pay).
     - `hardware`: the [`parassm.diagnostics.Hardware`][] model used.
+    - `flops`: the floating-point operations of one step of `f` (the cost model's
+        unit of work).
     """
 
     length: int
@@ -220,6 +249,7 @@ class Diagnosis(eqx.Module):
     recommended: AbstractSolver
     hardware: Hardware
     dt: float | None = None
+    flops: float = 1.0
 
     @property
     def sigma_min_bounds(self) -> tuple[float, float]:
@@ -268,8 +298,14 @@ class Diagnosis(eqx.Module):
                 costs={k: _float(v) for k, v in self.costs.items()},
                 hardware=dict(
                     name=self.hardware.name,
-                    width=self.hardware.width,
-                    level_latency=self.hardware.level_latency,
+                    width=self.hardware.width(self.flops),
+                    level_latency=self.hardware.call_latency
+                    / self.hardware.sequential_time(1, self.flops),
+                    step_latency_s=self.hardware.step_latency,
+                    sequential_flops=self.hardware.sequential_flops,
+                    call_latency_s=self.hardware.call_latency,
+                    vector_flops=self.hardware.vector_flops,
+                    step_flops=self.flops,
                 ),
             ),
         )
@@ -282,7 +318,7 @@ def diagnose(
     *,
     xs: PyTree | None = None,
     dt: float | None = None,
-    solvers: Sequence[str] = SOLVER_NAMES,
+    solvers: Sequence[str | AbstractSolver] = SOLVER_NAMES,
     hardware: Hardware | None = None,
     proxy_length: int | None = None,
     lle_steps: int = 512,
@@ -302,9 +338,11 @@ def diagnose(
         iterations, from the calibration) and extrapolates the growth of the converged
         prefix to `T` (see `_predict.py`); this is what catches maps that are
         contracting (LLE < 0) but so nonlinear or non-smooth that Newton crawls;
-    4. compares predicted times with a two-number model of the hardware and picks the
-        cheapest solver, [`parassm.Sequential`][] unless parallel evaluation is
-        predicted to be at least 1.5x cheaper (never when unpredictable).
+    4. compares predicted times with a model of the hardware measured on this machine
+        ([`parassm.diagnostics.Hardware.detect`][]) and picks the cheapest solver,
+        [`parassm.Sequential`][] unless parallel evaluation is predicted to be at least
+        1.5x cheaper and the system is predictable (never when unpredictable or
+        marginal: periodic orbits, LLE about zero).
 
     Cost: `O(lle_steps)` sequential steps of `f` and its JVP, plus at most
     `max_trial_steps` parallel iterations per solver on `proxy_length` steps: independent
@@ -315,10 +353,14 @@ def diagnose(
     - `f`, `s0`, `T`, `xs`: the recurrence, as for [`parassm.evaluate`][].
     - `dt`: Keyword only argument. Time step of a one-step map of a flow: also report
         the LLE per unit time.
-    - `solvers`: Keyword only argument. Names of the solvers to predict steps for,
-        among `"DEER"`, `"QuasiDEER"`, `"ELK"`, `"Picard"`, `"Jacobi"`.
+    - `solvers`: Keyword only argument. The solvers to predict steps for: names among
+        `"DEER"`, `"QuasiDEER"`, `"ELK"`, `"Picard"`, `"Jacobi"` (default
+        instances), or parallel solver instances (e.g.
+        `parassm.QuasiDEER(parassm.HutchinsonDiagonal())`), trialled with their own
+        tolerances. ELK and quasi-ELK are predicted from DEER's and quasi-DEER's
+        trials.
     - `hardware`: Keyword only argument. A [`parassm.diagnostics.Hardware`][]; by
-        default `Hardware.detect()`.
+        default `Hardware.detect()` (measured once on this machine, then cached).
     - `proxy_length`, `lle_steps`, `window`: Keyword only arguments. The size of the
         proxy (default from the calibration, 128), of the LLE estimate and of the
         window of Jacobian products.
@@ -340,14 +382,21 @@ def diagnose(
     check_same_structure(step_output(f, s0, xs), s0, "`f`")
     if dt is not None and not dt > 0:
         raise ValueError(f"`dt` must be positive, got {dt}.")
-    settings = default_settings(solvers, hardware, proxy_length, lle_steps=lle_steps, window=window)
+    names, instances = as_solvers(solvers)
+    settings = default_settings(instances, proxy_length, lle_steps=lle_steps, window=window)
     out = _diagnose_jit(f, s0, xs, length, settings)
     size = sum(leaf.size for leaf in jtu.tree_leaves(s0))
-    names = out["candidates"]
-    choice = names[int(out["choice"])]
+    dtype = jtu.tree_leaves(s0)[0].dtype
+    if hardware is None:
+        hardware = Hardware.detect(dtype)
+    flops = problem_flops(f, s0, xs)
+    regime = REGIMES[int(out["regime"])]
+    steps = [int(k) for k in out["predicted"]]
+    sequential, parallel = costs(instances, steps, size, flops, length, hardware)
+    choice = choose(sequential, parallel, steps, regime, length)
+    per_step = sequential / length
     lle = float(out["lle"])
     cond = out["conditioning"]
-    Tp = min(length, settings.proxy_length)
     return Diagnosis(
         length=length,
         size=size,
@@ -356,30 +405,24 @@ def diagnose(
         lle_history=np.asarray(out["lle_history"]),
         overshoot=math.exp(float(cond.log_overshoot)),
         conditioning=cond,
-        regime=REGIMES[int(out["regime"])],
-        predicted_steps={k: int(out["predicted"][k]) for k in settings.solvers},
-        proxy_steps={k: int(v) for k, v in out["proxy_steps"].items()},
-        proxy_length=Tp,
-        costs={n: float(c) for n, c in zip(names, out["costs"])},
-        recommended=RUNNABLE[choice](),
-        hardware=settings.hardware,
+        regime=regime,
+        predicted_steps=dict(zip(names, steps)),
+        proxy_steps={n: int(k) for n, k in zip(names, out["proxy_steps"])},
+        proxy_length=min(length, settings.proxy_length),
+        costs=dict(Sequential=float(length), **{n: c / per_step for n, c in zip(names, parallel)}),
+        recommended=Sequential() if choice is None else instances[choice],
+        hardware=hardware,
         dt=dt,
+        flops=flops,
     )
+
+
+def problem_flops(f: Callable, s0: PyTree, xs: PyTree | None) -> float:
+    """Floating-point operations of one step `f(s, x)` (see `Hardware`)."""
+    x0 = None if xs is None else jtu.tree_map(lambda x: x[0], xs)
+    return step_flops(lambda s, x: f(s, x), s0, x0)
 
 
 @eqx.filter_jit
 def _diagnose_jit(f, s0, xs, length, settings):
-    out = diagnose_flat(flatten(f, s0), xs, length, settings)
-    candidates = out.pop("candidates")
-    return out, candidates
-
-
-def _unpack(fn):
-    def wrapped(*args):
-        out, candidates = fn(*args)
-        return dict(out, candidates=candidates)
-
-    return wrapped
-
-
-_diagnose_jit = _unpack(_diagnose_jit)
+    return diagnose_flat(flatten(f, s0), xs, length, settings)

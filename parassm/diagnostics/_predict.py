@@ -25,23 +25,24 @@ writes `calibration.json` next to this file.
 import functools as ft
 import json
 import math
-import os
 import pathlib
 
-import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from .._solvers._parallel import AbstractParallelSolver
+from .._solvers.block import BlockQuasiDEER
+from .._solvers.deer import DEER, FunctionJacobian
+from .._solvers.elk import ELK, QuasiELK
+from .._solvers.jacobi import Jacobi
+from .._solvers.picard import Picard
+from .._solvers.quasi_deer import FunctionDiagonal, HutchinsonDiagonal, QuasiDEER
+from ._hardware import Hardware
 from ._trial import steps_to_reach
 
 
 CALIBRATION_FILE = pathlib.Path(__file__).with_name("calibration.json")
 SOLVER_NAMES = ("DEER", "QuasiDEER", "ELK", "Picard", "Jacobi")
-# ELK is not run in the trial: its prediction is DEER's (its damping only slows
-# convergence where DEER is already fast and stabilises it where DEER is not).
-TRIAL_OF = {"DEER": "DEER", "QuasiDEER": "QuasiDEER", "ELK": "DEER", "Picard": "Picard"}
-TRIAL_OF["Jacobi"] = "Jacobi"
 
 
 @ft.cache
@@ -49,6 +50,18 @@ def calibration() -> dict:
     """The stored calibration (see `bench/calibrate_steps.py`)."""
     with open(CALIBRATION_FILE) as f:
         return json.load(f)
+
+
+def calibrated(dtype) -> dict:
+    """`{"crawl_fraction": ..., "factors": {solver class name: factor}}` for `dtype`
+    (float64's for a dtype that was not calibrated, e.g. bfloat16)."""
+    by_dtype = calibration()["by_dtype"]
+    return by_dtype.get(jnp.dtype(dtype).name, by_dtype["float64"])
+
+
+def factor(solver: AbstractParallelSolver, dtype) -> float:
+    """The calibrated extrapolation factor of `solver`'s class (1 if not calibrated)."""
+    return calibrated(dtype)["factors"].get(type(solver).__name__, 1.0)
 
 
 def extrapolate(
@@ -89,52 +102,59 @@ def extrapolate(
     return jnp.clip(jnp.ceil(pred), 1, length).astype(jnp.result_type(int))
 
 
-class Hardware(eqx.Module):
-    """A two-number model of the machine, for the cost model of the recommendation.
-
-    **Arguments:**
-
-    - `width`: how many step evaluations one vectorised call does in the time of one
-        sequential step (1 on a CPU with few cores; thousands on a GPU).
-    - `level_latency`: the fixed cost of one vectorised call (one level of an
-        associative scan), in sequential steps.
-    - `name`: a label for reports.
-
-    `Hardware.detect()` picks rough figures for the default backend; they decide
-    whether parallel evaluation can pay at all, not which parallel solver wins.
-    """
-
-    width: float = eqx.field(static=True)
-    level_latency: float = eqx.field(static=True)
-    name: str = eqx.field(default="custom", static=True)
-
-    @classmethod
-    def detect(cls) -> "Hardware":
-        backend = jax.default_backend()
-        if backend == "cpu":
-            # A vectorised step over T elements costs about as much as T sequential
-            # steps until there are many cores to spread it over.
-            cores = os.cpu_count() or 1
-            return cls(width=max(1.0, cores / 8), level_latency=1.0, name=f"cpu ({cores} cores)")
-        return cls(width=2.0e4, level_latency=2.0, name=backend)
+def _trial_and_work(solver: AbstractParallelSolver, size: int, flops: float):
+    """`(trial solver, f-evaluations per step, extra flops per step)` of one iteration."""
+    rtol, atol = solver.rtol, solver.atol
+    if isinstance(solver, ELK):
+        return (
+            DEER(jacobian=solver.jacobian, rtol=rtol, atol=atol),
+            2.0 * (1 + size),
+            (12.0 * size**3),
+        )
+    if isinstance(solver, QuasiELK):
+        trial = QuasiDEER(diagonal=solver.diagonal, rtol=rtol, atol=atol)
+        return trial, 2.0 * _diagonal_evaluations(solver.diagonal, size), 24.0 * size
+    if isinstance(solver, DEER):
+        evaluations = 2.0 if isinstance(solver.jacobian, FunctionJacobian) else 1.0 + size
+        return solver, evaluations, 4.0 * size**3
+    if isinstance(solver, QuasiDEER):
+        return solver, _diagonal_evaluations(solver.diagonal, size), 8.0 * size
+    if isinstance(solver, BlockQuasiDEER):
+        return solver, 1.0 + size, 4.0 * size * solver.block_size**2
+    if isinstance(solver, Picard):
+        return solver, 1.0, 4.0 * size
+    if isinstance(solver, Jacobi):
+        return solver, 1.0, 2.0 * size
+    # An unknown parallel solver: costed like DEER, and trialled as itself.
+    return solver, 1.0 + size, 4.0 * size**3
 
 
-def work_per_iteration(name: str, size: int) -> float:
-    """Work of one iteration of solver `name`, in evaluations of `f` per time step."""
-    if name in ("Jacobi", "Picard"):
-        return 1.0
-    if name == "QuasiDEER":
-        return 1.0 + size  # `D` JVPs for the exact diagonal
-    if name == "DEER":
-        return 1.0 + 3.0 * size  # `D` JVPs and a dense scan (D^3 vs D^2 per step)
-    if name == "ELK":
-        return 2.0 + 6.0 * size
-    raise ValueError(f"Unknown solver name {name!r}.")
+def _diagonal_evaluations(diagonal, size: int) -> float:
+    if isinstance(diagonal, HutchinsonDiagonal):
+        return 1.0 + diagonal.num_samples
+    if isinstance(diagonal, FunctionDiagonal):
+        return 2.0
+    return 1.0 + size
 
 
-def iteration_cost(name: str, size: int, length: int, hardware: Hardware) -> float:
-    """Time of one iteration, in sequential steps."""
-    levels = 2 * math.ceil(math.log2(max(length, 2))) + 1
-    return (
-        work_per_iteration(name, size) * length / hardware.width + hardware.level_latency * levels
-    )
+def trial_solver(solver: AbstractParallelSolver) -> AbstractParallelSolver:
+    """The solver whose trial predicts `solver`'s steps: itself, except for ELK and
+    quasi-ELK, predicted from DEER's and quasi-DEER's (their damping only slows
+    convergence where the undamped step is already fast)."""
+    return _trial_and_work(solver, 1, 1.0)[0]
+
+
+# Vectorised passes of one iteration besides its scan: the values and maps, the
+# residual and its norms, the search's bookkeeping.
+PASSES_PER_ITERATION = 8
+
+
+def iteration_time(
+    solver: AbstractParallelSolver, size: int, flops: float, length: int, hardware: Hardware
+) -> float:
+    """Seconds for one iteration of `solver` on `length` steps of a step function of
+    `flops` floating-point operations and state size `size`."""
+    _, evaluations, extra = _trial_and_work(solver, size, flops)
+    levels = 2 * math.ceil(math.log2(max(length, 2))) + PASSES_PER_ITERATION
+    work = evaluations * flops + extra
+    return levels * hardware.call_latency + length * work / hardware.vector_flops

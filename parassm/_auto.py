@@ -1,0 +1,281 @@
+"""`parassm.Auto`: choose a solver from measurements, on the host, at trace time.
+
+Auto sits above both the solvers and the diagnostics (it imports them; neither imports
+it). The decision is a Python object made when the problem is traced, so one program
+is compiled (the chosen solver's) and a `vmap` batch gets one decision. It combines:
+
+- a model of the hardware measured on this machine (`diagnostics/_hardware.py`,
+  cached on disk) and the flops of one step of `f` (counted on its jaxpr);
+- a diagnosis of the problem (LLE, trials of each candidate on a prefix, predicted
+  steps), run on the host on concrete values, once per problem signature (the
+  structure and static parts of `f`, the shapes and dtypes of every array, the
+  candidates and `T` rounded to a power of two) and cached in memory.
+"""
+
+import collections
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, PyTree
+
+from ._problem import check_state, flatten, time_length
+from ._solvers._base import AbstractSolver, check_tolerances
+from ._solvers._parallel import AbstractParallelSolver
+from ._solvers.deer import DEER
+from ._solvers.quasi_deer import QuasiDEER
+from ._solvers.sequential import Sequential
+from .diagnostics._diagnose import (
+    choose,
+    costs,
+    default_settings,
+    diagnose_flat,
+    MARGIN,
+    problem_flops,
+    REGIMES,
+)
+from .diagnostics._hardware import Hardware
+
+
+class Decision(NamedTuple):
+    """What the diagnosis of one problem signature found."""
+
+    regime: str
+    steps: tuple[int, ...]
+    lle: float
+    seconds: float
+
+
+_CACHE_SIZE = 256
+_LOCK = threading.Lock()
+_DECISIONS: collections.OrderedDict = collections.OrderedDict()
+_FLOPS: collections.OrderedDict = collections.OrderedDict()
+
+
+def clear_cache() -> None:
+    """Forget every cached diagnosis (e.g. after changing the arrays `f` closes over
+    so much that the problem's predictability may have changed)."""
+    with _LOCK:
+        _DECISIONS.clear()
+        _FLOPS.clear()
+
+
+def _remember(table: collections.OrderedDict, key, value) -> None:
+    with _LOCK:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > _CACHE_SIZE:
+            table.popitem(last=False)
+
+
+def _recall(table: collections.OrderedDict, key):
+    with _LOCK:
+        return table.get(key)
+
+
+def length_bucket(length: int) -> int:
+    """`T` rounded to the nearest power of two: problems whose lengths differ by less
+    than a factor of about 1.4 share a diagnosis."""
+    return 2 ** round(math.log2(max(length, 1)))
+
+
+def _is_array(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def signature(f: Callable, s0: PyTree, xs: PyTree | None, length: int) -> tuple:
+    """The key of a problem: the structure and static parts of `(f, s0, xs)`, the
+    shape and dtype of every array in them (not their values: `jax.jit` traces those)
+    and the length bucket. Equal for the same problem eagerly and under `jit`/`vmap`."""
+    leaves, treedef = jtu.tree_flatten((f, s0, xs))
+    items: list[Any] = []
+    for leaf in leaves:
+        if _is_array(leaf):
+            items.append(("array", tuple(leaf.shape), jnp.dtype(leaf.dtype).name))
+        else:
+            try:
+                hash(leaf)
+                items.append(leaf)
+            except TypeError:
+                items.append(("id", id(leaf)))
+    return treedef, tuple(items), length_bucket(length)
+
+
+def _concrete(tree) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(tree))
+
+
+class Auto(AbstractSolver):
+    r"""Choose the solver from measurements, then evaluate with it (the default solver of
+    [`parassm.evaluate`][], [`parassm.scan`][] and [`parassm.nn.ParallelRNN`][]).
+
+    The choice is made on the host when the problem is traced, so only the chosen
+    solver is compiled, and a `jax.vmap` batch gets one decision:
+
+    1. **Static**: with the hardware model measured on this machine
+        ([`parassm.diagnostics.Hardware.detect`][], cached on disk) and the flops of one
+        step of `f`, if even one Newton step of the cheapest candidate cannot beat `T`
+        sequential steps by a factor 1.5 (a CPU with few cores, short sequences, large
+        states), Auto is [`parassm.Sequential`][] and nothing is diagnosed.
+    2. **Diagnosed**: otherwise, when the problem's values are concrete (an eager call
+        of `evaluate`, or [`parassm.Auto.decide`][]), the diagnosis of
+        [`parassm.diagnose`][] (LLE and a short trial of each candidate on a prefix,
+        with Auto's tolerances) runs once on the host and is cached per problem
+        signature: the structure and static parts of `f`, the shapes and dtypes of
+        every array (not their values) and `T` rounded to a power of two. The predicted
+        times pick the candidate, or Sequential if parallel evaluation is not at least
+        1.5x cheaper, or if the regime is not "predictable": unpredictable (LLE > 0) or
+        marginal (periodic orbits, where a constant initial guess carries no phase and
+        Newton crawls; flows with an LLE about zero).
+    3. **Under a transformation** (`jax.jit`, `jax.vmap`, `jax.grad` of a function
+        that calls `evaluate`), the values are tracers: Auto uses the cached diagnosis
+        of the same signature if there is one, and otherwise Sequential, which is never
+        catastrophically slow (a parallel solver on an unpredictable problem would be).
+        Call `evaluate` once eagerly, or `Auto().decide(f, s0, xs=xs)`, with
+        representative values to let Auto pick a parallel solver inside `jit`.
+
+    `stats["solver"]` holds the index of the solver used in
+    `("Sequential",) + candidates`.
+
+    **Arguments:**
+
+    - `candidates`: the parallel solvers to choose from, as instances (e.g.
+        `(parassm.DEER(), parassm.QuasiDEER(parassm.HutchinsonDiagonal()))`);
+        Sequential is always a candidate.
+    - `rtol`, `atol`: when given, they replace the candidates' own tolerances, in the
+        trials and in the evaluation (as for [`parassm.DEER`][]).
+    - `hardware`: a [`parassm.diagnostics.Hardware`][] model; `None` measures it
+        (once per device kind and dtype, see `docs/diagnostics.md`).
+    - `proxy_length`: the length of the prefix the diagnosis trials run on (`None`: the
+        calibrated default).
+    """
+
+    candidates: tuple[AbstractParallelSolver, ...] = eqx.field(
+        default=(DEER(), QuasiDEER()), converter=tuple
+    )
+    rtol: float | None = None
+    atol: float | None = None
+    hardware: Hardware | None = None
+    proxy_length: int | None = None
+
+    def __check_init__(self):
+        check_tolerances(self.rtol, self.atol)
+        if not self.candidates:
+            raise TypeError(
+                "`candidates` must be a non-empty sequence of parallel solver instances, e.g. "
+                f"`(parassm.DEER(), parassm.QuasiDEER())`; got {self.candidates!r}."
+            )
+        for candidate in self.candidates:
+            if not isinstance(candidate, AbstractParallelSolver):
+                raise TypeError(
+                    "Every Auto candidate must be a parallel solver instance such as "
+                    f"`parassm.DEER()` (Sequential is always included); got {candidate!r}."
+                )
+        if self.hardware is not None and not isinstance(self.hardware, Hardware):
+            raise TypeError("`hardware` must be a `parassm.diagnostics.Hardware` or None.")
+        if self.proxy_length is not None and self.proxy_length < 1:
+            raise ValueError(f"`proxy_length` must be at least 1, got {self.proxy_length}.")
+
+    def configured(self) -> tuple[AbstractParallelSolver, ...]:
+        """The candidates with Auto's `rtol` and `atol`, where given."""
+        out = []
+        for candidate in self.candidates:
+            for name in ("rtol", "atol"):
+                value = getattr(self, name)
+                if value is not None:
+                    candidate = eqx.tree_at(
+                        lambda c: getattr(c, name), candidate, value, is_leaf=lambda x: x is None
+                    )
+            out.append(candidate)
+        return tuple(out)
+
+    def _measure(self, f, s0, xs, length) -> tuple[Hardware, float, int]:
+        dtype = jtu.tree_leaves(s0)[0].dtype
+        hardware = Hardware.detect(dtype) if self.hardware is None else self.hardware
+        key = signature(f, s0, xs, 1)
+        flops = _recall(_FLOPS, key)
+        if flops is None:
+            flops = problem_flops(f, s0, xs)
+            _remember(_FLOPS, key, flops)
+        size = sum(leaf.size for leaf in jtu.tree_leaves(s0))
+        return hardware, flops, size
+
+    def _static_sequential(self, f, s0, xs, length) -> bool:
+        hardware, flops, size = self._measure(f, s0, xs, length)
+        candidates = self.configured()
+        ones = [1] * len(candidates)
+        sequential, one_step = costs(candidates, ones, size, flops, length, hardware)
+        return min(one_step) * MARGIN >= sequential
+
+    def _key(self, f, s0, xs, length):
+        return signature(f, s0, xs, length), self.configured(), self.proxy_length
+
+    def diagnosis(self, f, s0, xs, length) -> Decision | None:
+        """The cached diagnosis of this problem's signature, running it now if the
+        values are concrete and it is not cached; None otherwise."""
+        key = self._key(f, s0, xs, length)
+        decision = _recall(_DECISIONS, key)
+        if decision is None and _concrete((f, s0, xs)):
+            start = time.perf_counter()
+            settings = default_settings(
+                self.configured(), self.proxy_length, lle_steps=256, conditioning=False
+            )
+            out = _diagnose_jit(f, s0, xs, length, settings)
+            decision = Decision(
+                regime=REGIMES[int(out["regime"])],
+                steps=tuple(int(k) for k in out["predicted"]),
+                lle=float(out["lle"]),
+                seconds=time.perf_counter() - start,
+            )
+            _remember(_DECISIONS, key, decision)
+        return decision
+
+    def _choice(self, f, s0, xs, length) -> int:
+        """0 for Sequential, `i + 1` for candidate `i`."""
+        if self._static_sequential(f, s0, xs, length):
+            return 0
+        decision = self.diagnosis(f, s0, xs, length)
+        if decision is None:
+            return 0
+        hardware, flops, size = self._measure(f, s0, xs, length)
+        sequential, parallel = costs(
+            self.configured(), decision.steps, size, flops, length, hardware
+        )
+        best = choose(sequential, parallel, decision.steps, decision.regime, length)
+        return 0 if best is None else best + 1
+
+    def decide(
+        self, f: Callable, s0: PyTree[Array], T: int | None = None, *, xs: PyTree | None = None
+    ) -> AbstractSolver:
+        """The solver Auto will use for this problem (and for every problem of the same
+        signature, including inside `jax.jit`), diagnosing it now on these values if
+        needed. Arguments as for [`parassm.evaluate`][]."""
+        length = time_length(xs, T)
+        s0 = check_state(s0, floating=True)
+        index = self._choice(f, s0, xs, length)
+        return Sequential() if index == 0 else self.configured()[index - 1]
+
+    def prepare(self, f, s0, xs, length):
+        if _concrete((f, s0, xs)) and not self._static_sequential(f, s0, xs, length):
+            self.diagnosis(f, s0, xs, length)
+
+    def select(self, f, s0, xs, length):
+        index = self._choice(f, s0, xs, length)
+        solver = Sequential() if index == 0 else self.configured()[index - 1]
+        return solver, dict(solver=jnp.array(index))
+
+    def solve(self, f, s0, xs, length, init, max_steps):
+        solver, extra = self.select(f, s0, xs, length)
+        value, result, stats = solver.solve(f, s0, xs, length, init, max_steps)
+        return value, result, dict(stats, **extra)
+
+
+@eqx.filter_jit
+def _diagnose_jit(f, s0, xs, length, settings):
+    return diagnose_flat(flatten(f, s0), xs, length, settings)
