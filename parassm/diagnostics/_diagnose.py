@@ -120,7 +120,8 @@ def diagnose_flat(flat: Flat, xs: PyTree | None, length: int, settings: Settings
     cal = calibrated(dtype)
     n_lle = min(length, settings.lle_steps)
     xs_lle = slice_inputs(xs, 0, n_lle)
-    stretch = qr_log_stretch(flat, xs_lle, trajectory_before(flat, xs_lle, n_lle), 1)[:, 0]
+    before = trajectory_before(flat, xs_lle, n_lle)
+    stretch = qr_log_stretch(flat, xs_lle, before, 1)[:, 0]
     running = jnp.cumsum(stretch) / jnp.arange(1, n_lle + 1, dtype=stretch.dtype)
     lle = running[-1]
     Tp = min(length, settings.proxy_length)
@@ -144,6 +145,8 @@ def diagnose_flat(flat: Flat, xs: PyTree | None, length: int, settings: Settings
     proxy_steps = tuple(steps_to_reach(trials[trial_solver(s)][0], Tp) for s in settings.solvers)
     regime = classify(lle, predicted, length)
     return dict(
+        finite=jnp.all(jnp.isfinite(before))
+        & jnp.all(jnp.isfinite(flat.fn(before[-1], _last(xs_lle)))),
         lle=lle,
         lle_history=running,
         conditioning=cond,
@@ -152,6 +155,10 @@ def diagnose_flat(flat: Flat, xs: PyTree | None, length: int, settings: Settings
         predicted=predicted,
         regime=regime,
     )
+
+
+def _last(xs: PyTree | None) -> PyTree | None:
+    return None if xs is None else jtu.tree_map(lambda x: x[-1], xs)
 
 
 def classify(lle: Array, predicted: Sequence[Array], length: int) -> Array:
@@ -385,6 +392,13 @@ def diagnose(
     names, instances = as_solvers(solvers)
     settings = default_settings(instances, proxy_length, lle_steps=lle_steps, window=window)
     out = _diagnose_jit(f, s0, xs, length, settings)
+    if not bool(out["finite"]):
+        raise ValueError(
+            f"The trajectory of `f` from `s0` is not finite within its first "
+            f"{min(length, settings.lle_steps)} steps (it overflows or `f` returns NaN/Inf), "
+            "so there is nothing to diagnose: check `f`, `s0` and the inputs (e.g. run "
+            "`jax.lax.scan` and look for the first non-finite step)."
+        )
     size = sum(leaf.size for leaf in jtu.tree_leaves(s0))
     dtype = jtu.tree_leaves(s0)[0].dtype
     if hardware is None:
