@@ -3,6 +3,7 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from parassm.diagnostics import Hardware as _Hardware
 
 
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8) -> bool:
@@ -85,3 +86,16 @@ def scaled_residual(S, fs, rtol, atol):
     tol = atol + rtol * np.maximum(f, nu)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(r == 0, 0.0, r / tol)
+
+
+# Fixed hardware models for tests that must not depend on this machine.
+GPU_LIKE = _Hardware(
+    step_latency=5e-6, sequential_flops=1e9, call_latency=5e-6, vector_flops=1e13, name="gpu-like"
+)
+CPU = _Hardware(
+    step_latency=5e-8,
+    sequential_flops=2e10,
+    call_latency=5e-6,
+    vector_flops=4e10,
+    name="2-core cpu",
+)

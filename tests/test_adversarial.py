@@ -15,19 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import parassm
 import pytest
-from parassm.diagnostics import Hardware
 
-from .helpers import sequential
+from .helpers import CPU, sequential
 
 
 R = parassm.RESULTS
-CPU = Hardware(
-    step_latency=5e-8,
-    sequential_flops=2e10,
-    call_latency=5e-6,
-    vector_flops=4e10,
-    name="2-core cpu",
-)
 
 
 def contract(x, a=0.5):

@@ -18,21 +18,11 @@ import pytest
 from parassm.diagnostics import _hardware
 from parassm.diagnostics._hardware import Hardware, read_entry, write_entry
 
-from .helpers import sequential
+from .helpers import CPU, GPU_LIKE, sequential
 
 
 S = parassm.systems
 ROOT = pathlib.Path(parassm.__file__).parent
-GPU_LIKE = Hardware(
-    step_latency=5e-6, sequential_flops=1e9, call_latency=5e-6, vector_flops=1e13, name="gpu-like"
-)
-CPU = Hardware(
-    step_latency=5e-8,
-    sequential_flops=2e10,
-    call_latency=5e-6,
-    vector_flops=4e10,
-    name="2-core cpu",
-)
 CALLS = []
 
 

@@ -9,22 +9,11 @@ import parassm
 import pytest
 import scipy.sparse as sparse
 import scipy.sparse.linalg as sparse_linalg
-from parassm.diagnostics import Hardware
 
-from .helpers import sequential
+from .helpers import CPU, GPU_LIKE, sequential
 
 
 S = parassm.systems
-GPU_LIKE = Hardware(
-    step_latency=5e-6, sequential_flops=1e9, call_latency=5e-6, vector_flops=1e13, name="gpu-like"
-)
-CPU = Hardware(
-    step_latency=5e-8,
-    sequential_flops=2e10,
-    call_latency=5e-6,
-    vector_flops=4e10,
-    name="2-core cpu",
-)
 SOLVERS = ("DEER", "QuasiDEER", "ELK", "Jacobi")
 T = 1024
 
