@@ -88,13 +88,21 @@ def jacobi_correction(r: Float[Array, "T D"], front: Int[Array, ""]) -> Float[Ar
     return jnp.where((_times(r) >= front)[:, None], -r, jnp.zeros((), r.dtype))
 
 
+def newton_correction(
+    transition: linear.AbstractTransition, r: Float[Array, "T D"], front: Int[Array, ""]
+) -> Float[Array, "T D"]:
+    """The (quasi-)Newton correction $\\Delta_t = A_t \\Delta_{t-1} - r_t$ from the first
+    unconverged step on (zero before), by one associative scan."""
+    return linear.solve(frozen(transition, front), jacobi_correction(r, front))
+
+
 class NewtonDescent(AbstractDescent):
     r"""The (quasi-)Newton correction $\Delta^N_t = A_t \Delta^N_{t-1} - r_t$, solved by
     one associative scan; a step size $\tau < 1$ gives
     $\tau \Delta^N + (1 - \tau) \Delta^J$, towards the Jacobi correction $\Delta^J = -r$."""
 
     def prepare(self, transition, r, front):
-        return linear.solve(frozen(transition, front), jacobi_correction(r, front))
+        return newton_correction(transition, r, front)
 
     def step(self, state, step_size, S, fs):
         newton = S + state
@@ -165,7 +173,7 @@ class LevenbergMarquardtDescent(AbstractDescent):
         A, r, front = state
 
         def newton():
-            return S + linear.solve(frozen(A, front), jacobi_correction(r, front))
+            return S + newton_correction(A, r, front)
 
         def damped():
             return S + lm_correction(A, r, front, 1 / step_size)
