@@ -23,12 +23,10 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-import equinox as eqx
 import numpy as np
 import parassm
-from parassm._problem import flatten
 from parassm._timing import environment
-from parassm.diagnostics._diagnose import default_settings, diagnose_flat
+from parassm.diagnostics._diagnose import default_settings, diagnosis_arrays, LLE_TOL
 from parassm.diagnostics._predict import CALIBRATION_FILE, extrapolate, trial_solver
 
 
@@ -64,12 +62,14 @@ def measure_steps(system, T, xs) -> dict[str, int]:
 
 
 def trials(system, T, xs, settings):
-    run = eqx.filter_jit(lambda s0, xs: diagnose_flat(flatten(system.f, s0), xs, T, settings))
-    out = run(system.s0, xs)
-    return {
+    """The diagnosis' trials (host side, as `parassm.diagnose` runs them): `(trials by
+    solver name, LLE, proxy length)`."""
+    out = diagnosis_arrays(system.f, system.s0, xs, T, settings)
+    found = {
         name: tuple(np.asarray(a) for a in out["trials"][i])
         for i, name in enumerate(_trial_names(settings))
     }
+    return found, float(out["lle"]), int(out["proxy_length"])
 
 
 def _trial_names(settings):
@@ -81,19 +81,21 @@ def _trial_names(settings):
     return names
 
 
-_extrapolate = jax.jit(extrapolate, static_argnums=(2, 3, 4, 5))
+_extrapolate = jax.jit(extrapolate, static_argnums=(2, 3, 4, 5, 6))
 
 
-def predict(row, name, T, proxy, crawl, factor):
+def predict(row, name, T, crawl, factor):
     h, r = row["trials"][type(trial_solver(MEASURED[name])).__name__]
-    return int(_extrapolate(jax.numpy.asarray(h), jax.numpy.asarray(r), proxy, T, crawl, factor))
+    contracting = row["lle"] < -LLE_TOL
+    h, r = jax.numpy.asarray(h), jax.numpy.asarray(r)
+    return int(_extrapolate(h, r, row["proxy_length"], T, crawl, factor, contracting))
 
 
 def loss(pred, measured):
     return abs(math.log(pred / max(measured, 1)))
 
 
-def fit(rows, T, proxy):
+def fit(rows, T):
     crawls = [0.15, 0.2, 0.25, 0.3, 0.4, 0.5]
     factors = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
     best = None
@@ -101,9 +103,7 @@ def fit(rows, T, proxy):
         total, chosen = 0.0, {}
         for name in MEASURED:
             errs = {
-                c: np.mean(
-                    [loss(predict(r, name, T, proxy, crawl, c), r["measured"][name]) for r in rows]
-                )
+                c: np.mean([loss(predict(r, name, T, crawl, c), r["measured"][name]) for r in rows])
                 for c in factors
             }
             chosen[name] = min(errs, key=errs.get)
@@ -120,7 +120,6 @@ def main():
     args = parser.parse_args()
     T = args.T
     settings = default_settings(tuple(MEASURED.values()), conditioning=False)
-    proxy = min(T, settings.proxy_length)
     by_dtype, table = {}, []
     for dtype in args.dtypes.split(","):
         rows = []
@@ -128,14 +127,17 @@ def main():
             system = make(dtype)
             xs = system.inputs(T)
             print(f"{dtype} {label} ...", file=sys.stderr)
+            found, lle, proxy = trials(system, T, xs, settings)
             rows.append(
                 dict(
                     system=label,
-                    trials=trials(system, T, xs, settings),
+                    trials=found,
+                    lle=lle,
+                    proxy_length=proxy,
                     measured=measure_steps(system, T, xs),
                 )
             )
-        total, crawl, chosen = fit(rows, T, proxy)
+        total, crawl, chosen = fit(rows, T)
         chosen["ELK"] = chosen["DEER"]
         chosen["QuasiELK"] = chosen["QuasiDEER"]
         by_dtype[dtype] = dict(
@@ -145,9 +147,17 @@ def main():
             rtol="default (eps**0.7)",
         )
         for r in rows:
-            pred = {n: predict(r, n, T, proxy, crawl, chosen[n]) for n in MEASURED}
+            pred = {n: predict(r, n, T, crawl, chosen[n]) for n in MEASURED}
             table.append(
-                dict(system=r["system"], dtype=dtype, T=T, measured=r["measured"], predicted=pred)
+                dict(
+                    system=r["system"],
+                    dtype=dtype,
+                    T=T,
+                    lle=r["lle"],
+                    proxy_length=r["proxy_length"],
+                    measured=r["measured"],
+                    predicted=pred,
+                )
             )
             print(
                 f"{dtype} {r['system']:<20}"

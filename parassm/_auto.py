@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from ._problem import check_state, flatten, time_length
+from ._problem import check_state, time_length
 from ._solvers._base import AbstractSolver, check_tolerances
 from ._solvers._parallel import AbstractParallelSolver
 from ._solvers.deer import DEER
@@ -35,7 +35,7 @@ from .diagnostics._diagnose import (
     choose,
     costs,
     default_settings,
-    diagnose_flat,
+    diagnosis_arrays,
     MARGIN,
     problem_flops,
     REGIMES,
@@ -226,10 +226,17 @@ class Auto(AbstractSolver):
             settings = default_settings(
                 self.configured(), self.proxy_length, lle_steps=256, conditioning=False
             )
-            out = _diagnose_jit(f, s0, xs, length, settings)
+            out = diagnosis_arrays(f, s0, xs, length, settings)
+            if bool(out["finite"]):
+                regime = REGIMES[int(out["regime"])]
+                steps = tuple(int(k) for k in out["predicted"])
+            else:
+                # Nothing to predict from: Sequential, which reports the non-finite
+                # step as such.
+                regime, steps = "marginal", (length,) * len(settings.solvers)
             decision = Decision(
-                regime=REGIMES[int(out["regime"])],
-                steps=tuple(int(k) for k in out["predicted"]),
+                regime=regime,
+                steps=steps,
                 lle=float(out["lle"]),
                 seconds=time.perf_counter() - start,
             )
@@ -274,8 +281,3 @@ class Auto(AbstractSolver):
         solver, extra = self.select(f, s0, xs, length)
         value, result, stats = solver.solve(f, s0, xs, length, init, max_steps)
         return value, result, dict(stats, **extra)
-
-
-@eqx.filter_jit
-def _diagnose_jit(f, s0, xs, length, settings):
-    return diagnose_flat(flatten(f, s0), xs, length, settings)

@@ -181,3 +181,45 @@ def test_auto_validation():
         parassm.Auto(candidates=("DEER",))
     with pytest.raises(ValueError, match="rtol"):
         parassm.Auto(rtol=-1.0)
+
+
+def test_trial_length_follows_the_lle():
+    settings = parassm.diagnostics._diagnose.default_settings((parassm.DEER(),))
+    assert settings.trial_length(-0.5, 10_000) == 128  # decays within the prefix
+    assert settings.trial_length(-0.02, 10_000) == 512  # 8 / 0.02 = 400 -> 512
+    assert settings.trial_length(0.004, 10_000) == 1024  # capped
+    assert settings.trial_length(0.0, 10_000) == 1024
+    assert settings.trial_length(float("nan"), 300) == 300  # never beyond T
+    assert settings.trial_length(-0.02, 100) == 100
+    # A proxy length the user gives is used as is.
+    fixed = parassm.diagnostics._diagnose.default_settings((parassm.DEER(),), proxy_length=64)
+    assert fixed.trial_length(0.0, 10_000) == 64
+
+
+def _pendulum(s, x):
+    # A weakly damped pendulum, one RK4 step of dt = 0.05: LLE about -0.0125 per step.
+    def field(s):
+        return jnp.stack([s[1], -0.5 * s[1] - jnp.sin(s[0])])
+
+    dt = 0.05
+    k1 = field(s)
+    k2 = field(s + dt / 2 * k1)
+    k3 = field(s + dt / 2 * k2)
+    k4 = field(s + dt * k3)
+    return s + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_weakly_damped_flow_is_predicted_from_a_longer_prefix(dtype):
+    # A 128-step prefix of a flow whose errors decay over ~80 steps converges in a few
+    # Newton steps while the whole problem needs many more: the trial runs on a prefix
+    # of several decay lengths instead, and the prediction holds to within 2x.
+    s0 = jnp.array([2.0, 0.0], dtype)
+    d = parassm.diagnose(_pendulum, s0, T, solvers=("DEER",), hardware=CPU)
+    assert -0.02 < d.lle < -0.005
+    assert d.proxy_length == 1024
+    sol = parassm.evaluate(_pendulum, s0, T, solver=parassm.DEER())
+    measured = int(sol.stats["num_steps"])
+    assert 0.5 <= d.predicted_steps["DEER"] / measured <= 2.0, (d.predicted_steps, measured)
+    # It is not promised fast.
+    assert isinstance(d.recommended, parassm.Sequential)

@@ -16,12 +16,13 @@ One iteration of the loop at the accepted iterate `S = (s_1..s_T)`, whose values
 
 1. linearise at `S` (only when `S` is new: a rejected trial reuses the descent's state);
 2. make the correction for the current step size and the trial `S + delta`;
-3. evaluate `f` at the trial, measure its residual (`measure`) and let the search
-   accept it or not.
+3. evaluate `f` at the trial (values only), measure its residual (`measure`) and let
+   the search accept it or not.
 
 The loop stops as soon as the accepted iterate meets the tolerance, so the iterate
-returned is always the one whose residual was measured, and the pass that confirms
-convergence evaluates `f` but forms no Jacobian.
+returned is always the one whose residual was measured. The maps are formed only at an
+accepted iterate that is not converged: the pass that confirms convergence, and a
+trial the search rejects, cost one evaluation of `f` and no Jacobian.
 
 Safeguards, which keep the causality bound "at most T accepted iterations" in floating
 point whatever the step is:
@@ -319,9 +320,9 @@ def newton_loop(
 
     Each body evaluates the pending trial (the guess, at first), lets the search accept
     it or not, and, unless the accepted iterate is converged (or the loop is out of
-    steps), makes the next trial. The values and the maps `A_t` come from one pass
-    (`AbstractParallelSolver.linearise`), so an iteration costs one such pass and one
-    descent; the maps of the last trial, which confirms convergence, go unused.
+    steps), makes the next trial. An iteration costs one evaluation of `f` at the trial
+    and, at an accepted iterate that is not converged, one linearisation
+    (`AbstractParallelSolver.linearise`) and one descent.
 
     `search_state`, a `(step_size, state)` pair, continues the search of an earlier
     loop, and `scale` floors the size of the trajectory in the convergence test
@@ -334,10 +335,15 @@ def newton_loop(
     dtype = S0.dtype
     T = S0.shape[0]
 
-    def evaluate(S, iteration):
-        fs, transition = solver.linearise(problem, problem.previous(S), iteration)
+    def evaluate(S):
+        fs = problem.evaluate(S)
         err, front, tol = measure(S, fs, rtol, atol, scale)
-        return fs, transition, err, front, tol
+        return fs, err, front, tol
+
+    def maps(S, iteration):
+        # The values `linearise` also returns are known already: unused, and where they
+        # are a separate computation (closed-form Jacobians, Jacobi, Picard) not run.
+        return solver.linearise(problem, problem.previous(S), iteration)[1]
 
     if search_state is None:
         search_state = search.init(dtype)
@@ -346,8 +352,8 @@ def newton_loop(
     if search.may_reject:
 
         def prepared(S):
-            fs, transition, _, front, _ = evaluate(S, 0)
-            return descent.prepare(transition, S - fs, front)
+            fs, _, front, _ = evaluate(S)
+            return descent.prepare(maps(S, 0), S - fs, front)
 
         shapes = eqx.filter_eval_shape(prepared, S0)
         descent_state0 = jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
@@ -374,7 +380,7 @@ def newton_loop(
     def body(carry):
         state, record = carry
         trial = state.trial
-        trial_fs, A, trial_err, trial_front, trial_tol = evaluate(trial, state.num_trials + 1)
+        trial_fs, trial_err, trial_front, trial_tol = evaluate(trial)
         first = state.num_steps < 0
         if search.may_reject:
 
@@ -415,15 +421,15 @@ def newton_loop(
         nonfinite = jnp.any((jnp.arange(T) == front)[:, None] & ~jnp.isfinite(fs))
         done = (front >= T) | nonfinite | (num_steps >= max_steps)
 
+        def prepare():
+            return descent.prepare(maps(S, state.num_trials + 1), S - fs, front)
+
         def next_trial():
             if search.may_reject:
-                descent_state = lax.cond(
-                    accept,
-                    lambda: descent.prepare(A, S - fs, front),
-                    lambda: state.descent_state,
-                )
+                # A rejected trial is retried with the same linearisation.
+                descent_state = lax.cond(accept, prepare, lambda: state.descent_state)
             else:
-                descent_state = descent.prepare(A, S - fs, front)
+                descent_state = prepare()
             trial = descent.step(descent_state, step_size, S, fs)
             return safeguarded(S, fs, trial, front), descent_state
 

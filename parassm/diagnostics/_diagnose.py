@@ -1,6 +1,7 @@
 """`parassm.diagnose`: predictability, conditioning, predicted steps and a recommended
 solver, from a cheap proxy of the problem."""
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -77,11 +78,23 @@ def as_solvers(solvers: Sequence) -> tuple[tuple[str, ...], tuple[AbstractParall
     return tuple(names), tuple(out)
 
 
+# The trial's prefix covers this many decay (or growth) lengths `1 / |LLE|` of the
+# system, so that what a linearisation error does along the sequence shows in the trial
+# (a flow with an LLE about zero carries a bad guess across its whole length; a 128-step
+# prefix of it converges in a few steps while the full problem crawls) ...
+DECAY_LENGTHS = 8.0
+# ... up to this many steps (the trial is `max_trial_steps` parallel iterations on it).
+MAX_PROXY_LENGTH = 1024
+
+
 class Settings(eqx.Module):
-    """The knobs of the diagnosis (static)."""
+    """The knobs of the diagnosis (static). The trial's prefix is `proxy_length` steps,
+    longer (up to `max_proxy_length`) for systems with an LLE near zero: see
+    `trial_length`."""
 
     solvers: tuple[AbstractParallelSolver, ...] = eqx.field(static=True)
     proxy_length: int = eqx.field(static=True)
+    max_proxy_length: int = eqx.field(static=True)
     max_trial_steps: int = eqx.field(static=True)
     lle_steps: int = eqx.field(static=True)
     window: int = eqx.field(static=True)
@@ -91,6 +104,21 @@ class Settings(eqx.Module):
         for name in ("proxy_length", "max_trial_steps", "lle_steps", "window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, got {getattr(self, name)}.")
+        if self.max_proxy_length < self.proxy_length:
+            raise ValueError("`max_proxy_length` must be at least `proxy_length`.")
+
+    def trial_length(self, lle: float, length: int) -> int:
+        """The prefix the trials run on: `proxy_length` steps, or `DECAY_LENGTHS / |lle|`
+        rounded up to a power of two when that is longer (at most `max_proxy_length`),
+        and never more than `length`."""
+        base = self.proxy_length
+        if math.isfinite(lle) and abs(lle) > 0:
+            need = DECAY_LENGTHS / abs(lle)
+            if need > base:
+                base = 2 ** math.ceil(math.log2(min(need, self.max_proxy_length)))
+        else:
+            base = self.max_proxy_length
+        return min(length, max(self.proxy_length, min(base, self.max_proxy_length)))
 
 
 def default_settings(
@@ -101,10 +129,14 @@ def default_settings(
     window: int = 16,
     conditioning: bool = True,
 ) -> Settings:
+    """The calibrated settings; a `proxy_length` given by the user is used as is (no
+    longer prefix for systems with an LLE near zero)."""
     cal = calibration()
+    base = cal["proxy_length"] if proxy_length is None else proxy_length
     return Settings(
         solvers=tuple(solvers),
-        proxy_length=cal["proxy_length"] if proxy_length is None else proxy_length,
+        proxy_length=base,
+        max_proxy_length=max(base, MAX_PROXY_LENGTH) if proxy_length is None else base,
         max_trial_steps=cal["max_trial_steps"] if max_trial_steps is None else max_trial_steps,
         lle_steps=lle_steps,
         window=window,
@@ -112,18 +144,29 @@ def default_settings(
     )
 
 
-def diagnose_flat(flat: Flat, xs: PyTree | None, length: int, settings: Settings) -> dict:
-    """Everything the diagnosis measures, as arrays (traceable; run under `jit` on the
-    host's concrete problem by `diagnose` and `Auto`). `predicted` is a tuple, one
-    entry per solver of `settings`."""
-    dtype = flat.s0.dtype
-    cal = calibrated(dtype)
+def lyapunov_flat(flat: Flat, xs: PyTree | None, length: int, settings: Settings) -> dict:
+    """The first stage of the diagnosis (traceable): the LLE on the first `lle_steps`
+    steps, its running estimate, and whether the trajectory there is finite."""
     n_lle = min(length, settings.lle_steps)
     xs_lle = slice_inputs(xs, 0, n_lle)
     before = trajectory_before(flat, xs_lle, n_lle)
     stretch = qr_log_stretch(flat, xs_lle, before, 1)[:, 0]
     running = jnp.cumsum(stretch) / jnp.arange(1, n_lle + 1, dtype=stretch.dtype)
-    lle = running[-1]
+    finite = jnp.all(jnp.isfinite(before)) & jnp.all(
+        jnp.isfinite(flat.fn(before[-1], _last(xs_lle)))
+    )
+    return dict(finite=finite, lle=running[-1], lle_history=running)
+
+
+def diagnose_flat(
+    flat: Flat, xs: PyTree | None, length: int, settings: Settings, lle: Array
+) -> dict:
+    """The second stage of the diagnosis (traceable): conditioning, trials and predicted
+    steps on a prefix of `settings.proxy_length` steps (the trial length the host chose
+    from the LLE of the first stage). `predicted` is a tuple, one entry per solver of
+    `settings`."""
+    dtype = flat.s0.dtype
+    cal = calibrated(dtype)
     Tp = min(length, settings.proxy_length)
     xs_p = slice_inputs(xs, 0, Tp)
     cond = None
@@ -138,23 +181,51 @@ def diagnose_flat(flat: Flat, xs: PyTree | None, length: int, settings: Settings
         trial = trial_solver(solver)
         if trial not in trials:
             trials[trial] = converged_prefix_history(trial, flat, xs_p, Tp, K)
+    contracting = lle < -LLE_TOL
     predicted = tuple(
-        extrapolate(*trials[trial_solver(s)], Tp, length, cal["crawl_fraction"], factor(s, dtype))
+        extrapolate(
+            *trials[trial_solver(s)],
+            Tp,
+            length,
+            cal["crawl_fraction"],
+            factor(s, dtype),
+            contracting,
+        )
         for s in settings.solvers
     )
     proxy_steps = tuple(steps_to_reach(trials[trial_solver(s)][0], Tp) for s in settings.solvers)
     regime = classify(lle, predicted, length)
     return dict(
-        finite=jnp.all(jnp.isfinite(before))
-        & jnp.all(jnp.isfinite(flat.fn(before[-1], _last(xs_lle)))),
-        lle=lle,
-        lle_history=running,
         conditioning=cond,
         trials=tuple(trials.values()),
         proxy_steps=proxy_steps,
         predicted=predicted,
         regime=regime,
     )
+
+
+@eqx.filter_jit
+def _lyapunov_jit(f, s0, xs, length, settings):
+    return lyapunov_flat(flatten(f, s0), xs, length, settings)
+
+
+@eqx.filter_jit
+def _trials_jit(f, s0, xs, length, settings, lle):
+    return diagnose_flat(flatten(f, s0), xs, length, settings, lle)
+
+
+def diagnosis_arrays(f, s0, xs, length: int, settings: Settings) -> dict:
+    """Both stages of the diagnosis on a concrete problem (host side): the LLE, then
+    the trials on a prefix whose length depends on it (`Settings.trial_length`).
+    Returns the arrays of both stages and `proxy_length`; only the first stage's when
+    the trajectory is not finite (`finite` false)."""
+    first = _lyapunov_jit(f, s0, xs, length, settings)
+    if not bool(first["finite"]):
+        return dict(first, proxy_length=min(length, settings.proxy_length))
+    Tp = settings.trial_length(float(first["lle"]), length)
+    settings = dataclasses.replace(settings, proxy_length=Tp, max_proxy_length=Tp)
+    second = _trials_jit(f, s0, xs, length, settings, first["lle"])
+    return dict(first, **second, proxy_length=Tp)
 
 
 def _last(xs: PyTree | None) -> PyTree | None:
@@ -338,9 +409,11 @@ def diagnose(
 
     1. estimates the largest Lyapunov exponent (LLE) by the sequential QR estimator on
         the first `lle_steps` steps (one JVP of `f` per step);
-    2. on the first `proxy_length` steps, forms products of up to `window` consecutive
-        Jacobians for the overshoot and the bounds on $\sigma_{\min}$ of the residual
-        Jacobian (extrapolated to `T`);
+    2. on a prefix of `proxy_length` steps (128 by default; longer, up to 1024, when
+        the LLE is near zero: 8 decay lengths $1/|\lambda|$, so that a flow that
+        carries a linearisation error along its whole length shows it in the trial),
+        forms products of up to `window` consecutive Jacobians for the overshoot and
+        the bounds on $\sigma_{\min}$ of the residual Jacobian (extrapolated to `T`);
     3. runs a short trial of each solver on that prefix (at most `max_trial_steps`
         iterations, from the calibration) and extrapolates the growth of the converged
         prefix to `T` (see `_predict.py`); this is what catches maps that are
@@ -352,8 +425,9 @@ def diagnose(
         marginal: periodic orbits, LLE about zero).
 
     Cost: `O(lle_steps)` sequential steps of `f` and its JVP, plus at most
-    `max_trial_steps` parallel iterations per solver on `proxy_length` steps: independent
-    of `T` (see `docs/diagnostics.md` for measurements). Each call compiles.
+    `max_trial_steps` parallel iterations per solver on the prefix: independent of `T`
+    (see `docs/diagnostics.md` for measurements). Each call compiles (two programs: the
+    LLE, then the trials on a prefix whose length depends on it).
 
     **Arguments:**
 
@@ -369,8 +443,9 @@ def diagnose(
     - `hardware`: Keyword only argument. A [`parassm.diagnostics.Hardware`][]; by
         default `Hardware.detect()` (measured once on this machine, then cached).
     - `proxy_length`, `lle_steps`, `window`: Keyword only arguments. The size of the
-        proxy (default from the calibration, 128), of the LLE estimate and of the
-        window of Jacobian products.
+        proxy (default: 128, from the calibration, or longer for an LLE near zero; a
+        value given here is used as is), of the LLE estimate and of the window of
+        Jacobian products.
 
     **Returns:**
 
@@ -391,7 +466,7 @@ def diagnose(
         raise ValueError(f"`dt` must be positive, got {dt}.")
     names, instances = as_solvers(solvers)
     settings = default_settings(instances, proxy_length, lle_steps=lle_steps, window=window)
-    out = _diagnose_jit(f, s0, xs, length, settings)
+    out = diagnosis_arrays(f, s0, xs, length, settings)
     if not bool(out["finite"]):
         raise ValueError(
             f"The trajectory of `f` from `s0` is not finite within its first "
@@ -422,7 +497,7 @@ def diagnose(
         regime=regime,
         predicted_steps=dict(zip(names, steps)),
         proxy_steps={n: int(k) for n, k in zip(names, out["proxy_steps"])},
-        proxy_length=min(length, settings.proxy_length),
+        proxy_length=out["proxy_length"],
         costs=dict(Sequential=float(length), **{n: c / per_step for n, c in zip(names, parallel)}),
         recommended=Sequential() if choice is None else instances[choice],
         hardware=hardware,
@@ -435,8 +510,3 @@ def problem_flops(f: Callable, s0: PyTree, xs: PyTree | None) -> float:
     """Floating-point operations of one step `f(s, x)` (see `Hardware`)."""
     x0 = None if xs is None else jtu.tree_map(lambda x: x[0], xs)
     return step_flops(lambda s, x: f(s, x), s0, x0)
-
-
-@eqx.filter_jit
-def _diagnose_jit(f, s0, xs, length, settings):
-    return diagnose_flat(flatten(f, s0), xs, length, settings)

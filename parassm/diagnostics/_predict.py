@@ -12,10 +12,13 @@ every prefix length up to the proxy length `T_p`, and the growth between `T_p / 
   fraction of the steps (`>= crawl_fraction`): Newton crawls forward a few states per
   step, as on chaotic or strongly nonlinear maps.
 
-When the trial did not converge within its budget, the prediction is the smaller of the
-linear crawl at the rate of the second half of the trial, and the steps for the largest
-residual to reach the tolerance at its geometric rate of decrease in that half (a
-zeroth-order solver on a contraction: every state converges at about the same time).
+When the trial did not converge within its budget, the prediction is the linear crawl
+at the rate of the second half of the trial or, on a contracting system (LLE < 0) only,
+the steps for the largest residual to reach the tolerance at its geometric rate of
+decrease in that half if that is fewer (a zeroth-order solver on a contraction: every
+state converges at about the same time; where the LLE is positive or about zero, errors
+are carried along the sequence and a falling residual on the prefix says nothing about
+the rest).
 
 The constants (`proxy_length`, `max_trial_steps`, `crawl_fraction` and the per-solver
 factors `c`) are calibrated on the systems zoo by `bench/calibrate_steps.py`, which
@@ -71,9 +74,11 @@ def extrapolate(
     length: int,
     crawl_fraction: float,
     factor: float,
+    contracting: bool | Array = True,
 ) -> Int[Array, ""]:
     """Predicted steps for a problem of `length` from a trial `history` on
-    `proxy_length` steps (see the module docstring); between 1 and `length`."""
+    `proxy_length` steps (see the module docstring); between 1 and `length`.
+    `contracting`: whether the LLE is negative (allows the residual-rate prediction)."""
     dtype = jnp.result_type(float)
     log_residual = log_residual.astype(dtype)
     K = history.shape[0] - 1
@@ -93,10 +98,10 @@ def extrapolate(
     rate = jnp.maximum((final.astype(dtype) - mid) / max(K - K // 2, 1), 1.0)
     crawl_pred = K + factor * (length - final.astype(dtype)) / rate
     log_rate = (log_residual[-1] - log_residual[K // 2]) / max(K - K // 2, 1)
-    contracting = jnp.isfinite(log_rate) & (log_rate < 0)
-    safe_rate = jnp.where(contracting, log_rate, -1.0)
+    falling = jnp.isfinite(log_rate) & (log_rate < 0)
+    safe_rate = jnp.where(falling, log_rate, -1.0)
     residual_pred = K + factor * jnp.maximum(log_residual[-1], 0.0) / -safe_rate
-    residual_pred = jnp.where(contracting, residual_pred, jnp.inf)
+    residual_pred = jnp.where(falling & contracting, residual_pred, jnp.inf)
     pred_unconverged = jnp.minimum(crawl_pred, residual_pred)
     pred = jnp.where(converged, pred_converged, pred_unconverged)
     return jnp.clip(jnp.ceil(pred), 1, length).astype(jnp.result_type(int))
