@@ -103,6 +103,10 @@ class DEER(AbstractNewtonSolver):
     atol: float | None = None
     search: AbstractSearch = Backtracking()
 
+    @property
+    def maps_apart(self):
+        return isinstance(self.jacobian, ExactJacobian)
+
     def linearise(self, problem, s_prev, iteration):
         fs, J = self.jacobian(problem, s_prev, iteration)
         return fs, linear.Dense(J)

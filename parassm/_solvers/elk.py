@@ -70,6 +70,10 @@ class ELK(AbstractLevenbergMarquardtSolver):
     rtol: float | None = None
     atol: float | None = None
 
+    @property
+    def maps_apart(self):
+        return isinstance(self.jacobian, ExactJacobian)
+
     def linearise(self, problem, s_prev, iteration):
         fs, J = self.jacobian(problem, s_prev, iteration)
         return fs, linear.Dense(J)
