@@ -72,7 +72,7 @@ class ELK(AbstractLevenbergMarquardtSolver):
 
     @property
     def maps_apart(self):
-        return isinstance(self.jacobian, ExactJacobian)
+        return True
 
     def linearise(self, problem, s_prev, iteration):
         fs, J = self.jacobian(problem, s_prev, iteration)
