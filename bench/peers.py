@@ -10,7 +10,10 @@ separately):
 - `lax.scan`: the sequential baseline;
 - every parassm parallel solver (DEER, quasi-DEER with the exact / Hutchinson diagonal,
   block quasi-DEER, ELK, quasi-ELK, Picard, Jacobi), and DEER / quasi-DEER with the GRU's
-  closed-form Jacobian / diagonal (`parassm.nn`), each with its own convergence test;
+  closed-form Jacobian / diagonal (`parassm.nn`), each with its own convergence test,
+  with the backend's default linear scan (on CPU a loop over time,
+  `parassm.linear.LoopScan`); and DEER / quasi-DEER with the associative scan (the
+  algorithm accelerators run, and the peers' and the reference's on every backend);
 - the minimal reference iteration written below -- `jax.vmap(jax.jacfwd(f))` over all
   steps and one `lax.associative_scan` (matmul combine for DEER, elementwise for the
   diagonal) -- run for the same number of iterations as parassm plus one (parassm's
@@ -125,8 +128,10 @@ def parassm_solvers(case: Case) -> dict[str, Any]:
     diagonal, jacobian = cell_derivatives(case.cell)
     return {
         "DEER": parassm.DEER(),
+        "DEER (associative scan)": parassm.DEER(),
         "DEER (closed-form J)": parassm.DEER(parassm.FunctionJacobian(jacobian)),
         "QuasiDEER": parassm.QuasiDEER(),
+        "QuasiDEER (associative scan)": parassm.QuasiDEER(),
         "QuasiDEER (closed-form diag)": parassm.QuasiDEER(parassm.FunctionDiagonal(diagonal)),
         "QuasiDEER (Hutchinson)": parassm.QuasiDEER(parassm.HutchinsonDiagonal()),
         "BlockQuasiDEER(4)": parassm.BlockQuasiDEER(4),
@@ -137,13 +142,17 @@ def parassm_solvers(case: Case) -> dict[str, Any]:
     }
 
 
-DENSE = ("DEER", "DEER (closed-form J)", "ELK")
+DENSE = ("DEER", "DEER (associative scan)", "DEER (closed-form J)", "ELK")
+# Solvers run with a linear scan other than the backend's default (on CPU: the loop).
+SCAN_OF = {"DEER (associative scan)": "xla", "QuasiDEER (associative scan)": "xla"}
 # Which reference iteration each parassm solver is compared with.
 REFERENCE_OF = {
     "DEER": "dense",
+    "DEER (associative scan)": "dense",
     "DEER (closed-form J)": "dense",
     "ELK": "dense",
     "QuasiDEER": "diagonal",
+    "QuasiDEER (associative scan)": "diagonal",
     "QuasiDEER (closed-form diag)": "diagonal",
     "QuasiDEER (Hutchinson)": "diagonal",
     "QuasiELK": "diagonal",
@@ -326,10 +335,11 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 cap = ZEROTH_CAP if name in ("Picard", "Jacobi") else None
 
-                def run(xs, solver=solver, cap=cap, case=case):
-                    return parassm.evaluate(
-                        case.f, case.s0, xs=xs, solver=solver, max_steps=cap, throw=False
-                    )
+                def run(xs, solver=solver, cap=cap, case=case, impl=SCAN_OF.get(name)):
+                    with parassm.linear.scan_impl(impl or parassm.linear.default_scan_impl()):
+                        return parassm.evaluate(
+                            case.f, case.s0, xs=xs, solver=solver, max_steps=cap, throw=False
+                        )
 
                 c = Contender(name, "parassm", *compiled(run, xs))
                 sol = c.output

@@ -13,6 +13,7 @@ os.environ.setdefault("PARASSM_CACHE_DIR", tempfile.mkdtemp(prefix="parassm-test
 
 import jax
 import jax.random as jr
+import parassm
 import pytest
 from hypothesis import settings
 
@@ -47,3 +48,15 @@ def _release_compiled_programs():
     that pass on their own)."""
     yield
     jax.clear_caches()
+
+
+@pytest.fixture(autouse=True)
+def _associative_scan(request):
+    """Run the solvers with the associative scan, the parallel algorithm accelerators run.
+    The library's default on CPU is `parassm.linear.LoopScan` (faster there); tests of it
+    and of the CPU default are marked `default_scan` and run without this context."""
+    if request.node.get_closest_marker("default_scan"):
+        yield
+    else:
+        with parassm.linear.scan_impl("xla"):
+            yield

@@ -79,7 +79,16 @@ def test_chunked_derivatives_and_vmap(getkey):
         np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.default_scan
+def test_default_scan_impl_is_the_loop_on_cpu():
+    want = linear.LoopScan() if jax.default_backend() == "cpu" else linear.AssociativeScan()
+    assert linear.default_scan_impl() == want
+    with linear.scan_impl("loop") as impl:
+        assert impl == linear.LoopScan()
+
+
 def test_scan_impl_names_and_validation():
+    # (This module's tests run inside the suite's associative-scan context.)
     assert linear.default_scan_impl() == linear.AssociativeScan()
     with linear.scan_impl("chunked") as impl:
         assert impl == linear.ChunkedScan()
@@ -131,3 +140,71 @@ def test_solvers_pick_up_chunked(solver, getkey):
         sol = parassm.evaluate(f, s0, xs=xs, solver=solver)
     assert sol.result == parassm.RESULTS.successful
     np.testing.assert_allclose(sol.value, sequential(f, s0, xs), rtol=1e-8, atol=1e-8)
+
+
+# ------------------------------------------------------------------ LoopScan
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_loop_scan_matches_loop(reverse, dtype, getkey):
+    T, D = 37, 4
+    b = jr.normal(getkey(), (T, D), dtype)
+    init = jr.normal(getkey(), (D,), dtype)
+    tol = 1e-10 if dtype == jnp.float64 else 1e-4
+    for transition in _transitions(getkey(), T, D, dtype):
+        out = linear.solve(transition, b, init, reverse=reverse, scan_impl=linear.LoopScan())
+        assert out.dtype == dtype
+        expected = _loop(transition.as_matrix(D), b, init, reverse)
+        np.testing.assert_allclose(
+            out, expected, rtol=tol, atol=tol, err_msg=repr(type(transition))
+        )
+
+
+def test_loop_scan_derivatives_and_vmap(getkey):
+    T, D = 30, 4
+    a = jr.uniform(getkey(), (2, T, D, D), jnp.float64, -0.5, 0.5)
+    b = jr.normal(getkey(), (2, T, D), jnp.float64)
+
+    def loss(a, b, impl):
+        solve = lambda a_, b_: linear.solve(linear.Dense(a_), b_, scan_impl=impl)  # noqa: E731
+        return jnp.sum(jnp.cos(jax.vmap(solve)(a, b)))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+    got = grad(a, b, linear.LoopScan())
+    want = grad(a, b, linear.AssociativeScan())
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.default_scan
+@pytest.mark.parametrize(
+    "solver",
+    [parassm.DEER(), parassm.QuasiDEER(), parassm.ELK(), parassm.QuasiELK()],
+    ids=lambda s: type(s).__name__,
+)
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_solvers_with_the_cpu_default_scan(solver, dtype, getkey):
+    # The backend's default linear scan (the loop on CPU) gives the trajectory of
+    # `lax.scan`, and the same Newton steps as the associative scan, values and
+    # gradients alike.
+    D, T = 3, 200
+    W = 0.8 * jr.normal(getkey(), (D, D), dtype) / jnp.sqrt(jnp.asarray(D, dtype))
+    xs = jr.normal(getkey(), (T, D), dtype)
+    s0 = jnp.ones((D,), dtype)
+
+    def run(W):
+        return parassm.evaluate(lambda s, x: jnp.tanh(W @ s + x), s0, xs=xs, solver=solver)
+
+    sol = run(W)
+    assert sol.result == parassm.RESULTS.successful
+    tol = 1e-8 if dtype == jnp.float64 else 1e-4
+    want = sequential(lambda s, x: jnp.tanh(W @ s + x), s0, xs)
+    np.testing.assert_allclose(sol.value, want, rtol=tol, atol=tol)
+    with linear.scan_impl("xla"):
+        other = run(W)
+    assert int(sol.stats["num_steps"]) == int(other.stats["num_steps"])
+    grad = jax.grad(lambda W: jnp.sum(run(W).value ** 2))(W)
+    with linear.scan_impl("xla"):
+        grad_xla = jax.grad(lambda W: jnp.sum(run(W).value ** 2))(W)
+    np.testing.assert_allclose(grad, grad_xla, rtol=10 * tol, atol=10 * tol)

@@ -4,6 +4,7 @@ from ._scan_impl import (
     AssociativeScan as AssociativeScan,
     ChunkedScan as ChunkedScan,
     default_scan_impl as default_scan_impl,
+    LoopScan as LoopScan,
     PallasScan as PallasScan,
     scan_impl as scan_impl,
 )

@@ -60,11 +60,32 @@ def _combine(transition: AbstractTransition):
 
 class AssociativeScan(AbstractScanImpl):
     """`jax.lax.associative_scan` over all `T` steps: depth $O(\\log T)$, about
-    $2 \\log_2 T$ passes over memory. The default."""
+    $2 \\log_2 T$ passes over memory. The default except on the CPU backend."""
 
     def scan(self, transition, b, *, reverse):
         pair = (transition.elements(), b)
         return lax.associative_scan(_combine(transition), pair, reverse=reverse)[1]
+
+
+class LoopScan(AbstractScanImpl):
+    """One step after the other (`jax.lax.scan` over time): depth `T`, and for dense maps
+    `O(T D^2)` work (matrix-vector products) against the `O(T D^3)` of the matrix
+    products an associative scan forms. On a CPU with few cores, where depth costs
+    little and every flop counts, it is the fastest linear solve for dense (and
+    block-diagonal) maps from a few states up; on accelerators the associative scan's
+    depth `O(log T)` wins. The Newton iteration around it is unchanged: one Jacobian
+    pass and one linear solve per step."""
+
+    def scan(self, transition, b, *, reverse):
+        apply = transition.apply
+
+        def step(s, inputs):
+            a_t, b_t = inputs
+            s = apply(a_t, s) + b_t
+            return s, s
+
+        init = jnp.zeros_like(b[0])
+        return lax.scan(step, init, (transition.elements(), b), reverse=reverse)[1]
 
 
 class ChunkedScan(AbstractScanImpl):
@@ -204,7 +225,7 @@ def _has_kernel(transition: AbstractTransition) -> bool:
     return False
 
 
-_NAMES = {"xla": AssociativeScan, "chunked": ChunkedScan, "pallas": PallasScan}
+_NAMES = {"xla": AssociativeScan, "chunked": ChunkedScan, "pallas": PallasScan, "loop": LoopScan}
 
 
 def as_scan_impl(impl: "AbstractScanImpl | str") -> AbstractScanImpl:
@@ -244,11 +265,16 @@ else:  # jax without user contexts: a thread-local default, not in the tracing-c
 
 
 def default_scan_impl() -> AbstractScanImpl:
-    """The implementation [`parassm.linear.solve`][] uses when not given one:
-    [`parassm.linear.AssociativeScan`][] unless a [`parassm.linear.scan_impl`][] context
-    says otherwise."""
+    """The implementation [`parassm.linear.solve`][] uses when not given one, unless a
+    [`parassm.linear.scan_impl`][] context says otherwise:
+    [`parassm.linear.LoopScan`][] on the CPU backend (measured on a 2-core CPU, GRU,
+    `T = 1e4`: a DEER iteration 1.9x / 1.9x / 3.3x faster than with the associative
+    scan at `D = 8 / 32 / 64`, quasi-DEER 1.4-1.7x) and
+    [`parassm.linear.AssociativeScan`][] on every other backend, where depth matters."""
     impl = _get()
-    return AssociativeScan() if impl is None else impl
+    if impl is not None:
+        return impl
+    return LoopScan() if jax.default_backend() == "cpu" else AssociativeScan()
 
 
 def associative_scan(fn: Callable, elems: PyTree[Array], *, reverse: bool = False):
@@ -264,9 +290,11 @@ def scan_impl(impl: AbstractScanImpl | str) -> Iterator[AbstractScanImpl]:
 
     **Arguments:**
 
-    - `impl`: `"xla"` ([`parassm.linear.AssociativeScan`][], the default), `"chunked"`
+    - `impl`: `"xla"` ([`parassm.linear.AssociativeScan`][], the default except on
+        CPU), `"chunked"`
         ([`parassm.linear.ChunkedScan`][]), `"pallas"` ([`parassm.linear.PallasScan`][]),
-        or an instance with non-default options.
+        `"loop"` ([`parassm.linear.LoopScan`][], the default on CPU), or an instance
+        with non-default options.
 
     The choice is thread-local and is part of jax's tracing-cache key: a function
     jitted outside the block is traced again inside it.

@@ -11,6 +11,7 @@ from .._linear import (
     Diagonal as Diagonal,
     kalman_filter as kalman_filter,
     kalman_smoother as kalman_smoother,
+    LoopScan as LoopScan,
     PallasScan as PallasScan,
     Scalar as Scalar,
     scan_impl as scan_impl,
