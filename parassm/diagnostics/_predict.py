@@ -33,6 +33,7 @@ import pathlib
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from .._linear._scan_impl import default_scan_impl, LoopScan
 from .._solvers._parallel import AbstractParallelSolver
 from .._solvers.block import BlockQuasiDEER
 from .._solvers.deer import DEER, FunctionJacobian
@@ -154,12 +155,27 @@ def trial_solver(solver: AbstractParallelSolver) -> AbstractParallelSolver:
 PASSES_PER_ITERATION = 8
 
 
+def _loop_flops(solver: AbstractParallelSolver, size: int) -> float:
+    """Flops per step of the linear solve one step after the other (`LoopScan`): a
+    matrix-vector product for dense maps, elementwise for diagonal ones."""
+    if isinstance(solver, DEER | ELK):
+        return 2.0 * size**2
+    if isinstance(solver, BlockQuasiDEER):
+        return 2.0 * size * solver.block_size
+    return 2.0 * size
+
+
 def iteration_time(
     solver: AbstractParallelSolver, size: int, flops: float, length: int, hardware: Hardware
 ) -> float:
     """Seconds for one iteration of `solver` on `length` steps of a step function of
-    `flops` floating-point operations and state size `size`."""
+    `flops` floating-point operations and state size `size`, with the linear scan the
+    solve will use (`parassm.linear.default_scan_impl()`: on CPU a loop over time)."""
     _, evaluations, extra = _trial_and_work(solver, size, flops)
+    if isinstance(default_scan_impl(), LoopScan):
+        vectorised = PASSES_PER_ITERATION * hardware.call_latency
+        vectorised += length * evaluations * flops / hardware.vector_flops
+        return vectorised + hardware.sequential_time(length, _loop_flops(solver, size))
     levels = 2 * math.ceil(math.log2(max(length, 2))) + PASSES_PER_ITERATION
     work = evaluations * flops + extra
     return levels * hardware.call_latency + length * work / hardware.vector_flops
