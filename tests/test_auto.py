@@ -2,6 +2,7 @@
 measured hardware model and its on-disk cache, and the import layering."""
 
 import ast
+import dataclasses
 import json
 import os
 import pathlib
@@ -178,16 +179,18 @@ def test_detect_round_trip(monkeypatch, tmp_path):
         return CPU
 
     monkeypatch.setattr(_hardware, "measure", fake_measure)
-    assert Hardware.detect(jnp.float32) == CPU
+    # `detect` adds what the platform's linear solve is (a loop on CPU).
+    detected = dataclasses.replace(CPU, loop_scan=jax.devices()[0].platform == "cpu")
+    assert Hardware.detect(jnp.float32) == detected
     (path,) = tmp_path.glob("hardware-*float32*.json")
     assert read_entry(path) == CPU
     # A new process (an empty memory cache) reads the file instead of measuring.
     monkeypatch.setattr(_hardware, "_MEMORY", {})
-    assert Hardware.detect(jnp.float32) == CPU and len(measured) == 1
+    assert Hardware.detect(jnp.float32) == detected and len(measured) == 1
     # An unreadable entry is measured again.
     path.write_text("{not json")
     monkeypatch.setattr(_hardware, "_MEMORY", {})
-    assert Hardware.detect(jnp.float32) == CPU and len(measured) == 2
+    assert Hardware.detect(jnp.float32) == detected and len(measured) == 2
     assert read_entry(path) == CPU
     # float64 is its own entry.
     Hardware.detect(jnp.float64)

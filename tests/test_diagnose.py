@@ -1,5 +1,6 @@
 """diagnose(): regimes, predicted vs measured steps, the recommendation, and Auto."""
 
+import dataclasses
 import json
 
 import jax
@@ -223,3 +224,17 @@ def test_weakly_damped_flow_is_predicted_from_a_longer_prefix(dtype):
     assert 0.5 <= d.predicted_steps["DEER"] / measured <= 2.0, (d.predicted_steps, measured)
     # It is not promised fast.
     assert isinstance(d.recommended, parassm.Sequential)
+
+
+def test_a_loop_scan_machine_costs_the_solve_as_sequential_steps():
+    # Where the linear solve is a loop over time (the CPU default), one iteration costs
+    # at least T sequential matrix-vector steps; with the associative scan, on a wide
+    # machine, far less.
+    from parassm.diagnostics._predict import iteration_time
+
+    loop = dataclasses.replace(GPU_LIKE, loop_scan=True)
+    D, flops, length = 16, 1e4, 10_000
+    t_loop = iteration_time(parassm.DEER(), D, flops, length, loop)
+    assert t_loop >= loop.sequential_time(length, 2 * D**2)
+    assert iteration_time(parassm.DEER(), D, flops, length, GPU_LIKE) < t_loop / 10
+    assert not GPU_LIKE.loop_scan

@@ -383,6 +383,7 @@ class Diagnosis(eqx.Module):
                     sequential_flops=self.hardware.sequential_flops,
                     call_latency_s=self.hardware.call_latency,
                     vector_flops=self.hardware.vector_flops,
+                    loop_scan=self.hardware.loop_scan,
                     step_flops=self.flops,
                 ),
             ),

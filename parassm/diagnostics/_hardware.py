@@ -10,6 +10,7 @@ processes never read a partial file (the last writer wins; they measure the same
 thing). An unreadable entry is measured again. Nothing is measured at import time.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -82,6 +83,10 @@ class Hardware(eqx.Module):
         (one level of an associative scan), in seconds.
     - `vector_flops`: floating-point operations per second of a vectorised pass.
     - `name`: a label for reports.
+    - `loop_scan`: whether the linear solve of a Newton step runs one step after the
+        other on this machine ([`parassm.linear.LoopScan`][], the default on the CPU
+        backend): the cost model then costs it as `T` sequential steps instead of the
+        associative scan's `O(log T)` vectorised passes. `detect` sets it on CPU.
 
     [`parassm.diagnostics.Hardware.detect`][] measures these on the machine it runs on.
     """
@@ -91,6 +96,7 @@ class Hardware(eqx.Module):
     call_latency: float = eqx.field(static=True)
     vector_flops: float = eqx.field(static=True)
     name: str = eqx.field(default="custom", static=True)
+    loop_scan: bool = eqx.field(default=False, static=True)
 
     def __check_init__(self):
         for field in ("step_latency", "sequential_flops", "call_latency", "vector_flops"):
@@ -124,7 +130,9 @@ class Hardware(eqx.Module):
         key = "".join(c if c.isalnum() or c in "-._" else "_" for c in key)
         with _LOCK:
             if key not in _MEMORY:
-                _MEMORY[key] = _load_or_measure(key, dtype, f"{device.platform} ({kind})")
+                hw = _load_or_measure(key, dtype, f"{device.platform} ({kind})")
+                # The platform's default linear scan (see `linear.default_scan_impl`).
+                _MEMORY[key] = dataclasses.replace(hw, loop_scan=device.platform == "cpu")
             return _MEMORY[key]
 
 

@@ -33,7 +33,6 @@ import pathlib
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from .._linear._scan_impl import default_scan_impl, LoopScan
 from .._solvers._parallel import AbstractParallelSolver
 from .._solvers.block import BlockQuasiDEER
 from .._solvers.deer import DEER, FunctionJacobian
@@ -170,9 +169,9 @@ def iteration_time(
 ) -> float:
     """Seconds for one iteration of `solver` on `length` steps of a step function of
     `flops` floating-point operations and state size `size`, with the linear scan the
-    solve will use (`parassm.linear.default_scan_impl()`: on CPU a loop over time)."""
+    hardware runs (`Hardware.loop_scan`: on CPU a loop over time)."""
     _, evaluations, extra = _trial_and_work(solver, size, flops)
-    if isinstance(default_scan_impl(), LoopScan):
+    if hardware.loop_scan:
         vectorised = PASSES_PER_ITERATION * hardware.call_latency
         vectorised += length * evaluations * flops / hardware.vector_flops
         return vectorised + hardware.sequential_time(length, _loop_flops(solver, size))
