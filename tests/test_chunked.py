@@ -180,7 +180,8 @@ def test_loop_scan_derivatives_and_vmap(getkey):
 @pytest.mark.default_scan
 @pytest.mark.parametrize(
     "solver",
-    [parassm.DEER(), parassm.QuasiDEER(), parassm.ELK(), parassm.QuasiELK()],
+    [parassm.DEER(), parassm.QuasiDEER()]
+    + [pytest.param(s, marks=pytest.mark.slow) for s in (parassm.ELK(), parassm.QuasiELK())],
     ids=lambda s: type(s).__name__,
 )
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
@@ -188,7 +189,7 @@ def test_solvers_with_the_cpu_default_scan(solver, dtype, getkey):
     # The backend's default linear scan (the loop on CPU) gives the trajectory of
     # `lax.scan`, and the same Newton steps as the associative scan, values and
     # gradients alike.
-    D, T = 3, 200
+    D, T = 3, 100
     W = 0.8 * jr.normal(getkey(), (D, D), dtype) / jnp.sqrt(jnp.asarray(D, dtype))
     xs = jr.normal(getkey(), (T, D), dtype)
     s0 = jnp.ones((D,), dtype)
