@@ -35,6 +35,7 @@ to `bench/results/peers_<backend>.json`.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -336,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
                 cap = ZEROTH_CAP if name in ("Picard", "Jacobi") else None
 
                 def run(xs, solver=solver, cap=cap, case=case, impl=SCAN_OF.get(name)):
-                    with parassm.linear.scan_impl(impl or parassm.linear.default_scan_impl()):
+                    scan = (
+                        contextlib.nullcontext() if impl is None else parassm.linear.scan_impl(impl)
+                    )
+                    with scan:
                         return parassm.evaluate(
                             case.f, case.s0, xs=xs, solver=solver, max_steps=cap, throw=False
                         )

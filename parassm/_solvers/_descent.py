@@ -5,9 +5,9 @@ sequential step at the first unconverged step ($\Delta_p = -r_p$), and use the m
 $A_t$ for $t > p$ only (zero elsewhere, and where not finite).
 
 - `NewtonDescent`: the (quasi-)Newton correction $\Delta^N_t = A_t \Delta^N_{t-1} - r_t$,
-  one associative scan per linearisation. A step size $\tau \in [0, 1]$ moves from it
-  towards the Jacobi correction $\Delta^J = -r$ (the trial $f(s_{t-1}, x_t)$, the
-  fixed-point step): $\tau \Delta^N + (1 - \tau) \Delta^J$.
+  one linear scan per linearisation (`linear.solve`). A step size $\tau \in [0, 1]$
+  moves from it towards the Jacobi correction $\Delta^J = -r$ (the trial
+  $f(s_{t-1}, x_t)$, the fixed-point step): $\tau \Delta^N + (1 - \tau) \Delta^J$.
 - `LevenbergMarquardtDescent`: the minimiser of
   $\sum_{t > p} |r_t + \Delta_t - A_t \Delta_{t-1}|^2 + \lambda |\Delta_t|^2$ with
   $\lambda = 1 / \text{step size}$, the posterior mean of a linear-Gaussian model, by the
@@ -92,13 +92,13 @@ def newton_correction(
     transition: linear.AbstractTransition, r: Float[Array, "T D"], front: Int[Array, ""]
 ) -> Float[Array, "T D"]:
     """The (quasi-)Newton correction $\\Delta_t = A_t \\Delta_{t-1} - r_t$ from the first
-    unconverged step on (zero before), by one associative scan."""
+    unconverged step on (zero before), by one linear scan (`linear.solve`)."""
     return linear.solve(frozen(transition, front), jacobi_correction(r, front))
 
 
 class NewtonDescent(AbstractDescent):
     r"""The (quasi-)Newton correction $\Delta^N_t = A_t \Delta^N_{t-1} - r_t$, solved by
-    one associative scan; a step size $\tau < 1$ gives
+    one linear scan; a step size $\tau < 1$ gives
     $\tau \Delta^N + (1 - \tau) \Delta^J$, towards the Jacobi correction $\Delta^J = -r$."""
 
     def prepare(self, transition, r, front):

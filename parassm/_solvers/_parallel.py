@@ -52,6 +52,7 @@ a time; the diagnostics' trial records its progress with a `History` observer;
 
 import abc
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax.lax as lax
@@ -280,17 +281,15 @@ class AbstractParallelSolver(AbstractSolver):
         values and the maps, in one pass where possible. `iteration` counts the
         evaluations (e.g. for fresh random probes)."""
 
-    @property
-    def maps_apart(self) -> bool:
-        """Whether the loop forms the maps in a pass of their own, only at an accepted
-        iterate that is not converged (`True`), or with the values of every trial in
-        one pass (`False`, the default). Apart costs one more evaluation of `f` per
-        iteration and saves the maps of the pass that confirms convergence and of
-        rejected trials: worth it when the maps cost many evaluations of `f` and few
-        iterations are expected (dense Jacobians by JVPs: measured on a GRU with
-        `H = 32`, `T = 1e4`, one pass of values costs 0.9 ms, of values and dense
-        Jacobians 31 ms, of values and exact diagonals 4.9 ms)."""
-        return False
+    # Whether the loop forms the maps in a pass of their own, only at an accepted
+    # iterate that is not converged (`True`), or with the values of every trial in one
+    # pass (`False`). Apart costs one more evaluation of `f` per iteration and saves the
+    # maps of the pass that confirms convergence and of rejected trials: worth it when
+    # the maps cost many evaluations of `f` and few iterations are expected (dense
+    # Jacobians by JVPs: measured on a GRU with `H = 32`, `T = 1e4`, one pass of values
+    # costs 0.9 ms, of values and dense Jacobians 31 ms, of values and exact diagonals
+    # 4.9 ms).
+    maps_apart: ClassVar[bool] = False
 
     def tolerances(self, dtype) -> tuple[float, float]:
         """`(rtol, atol)`: the defaults are `eps ** 0.7` of the dtype and zero."""

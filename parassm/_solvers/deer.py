@@ -1,5 +1,6 @@
 import abc
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 from jaxtyping import Array, Float
@@ -103,9 +104,7 @@ class DEER(AbstractNewtonSolver):
     atol: float | None = None
     search: AbstractSearch = Backtracking()
 
-    @property
-    def maps_apart(self):
-        return True
+    maps_apart: ClassVar[bool] = True
 
     def linearise(self, problem, s_prev, iteration):
         fs, J = self.jacobian(problem, s_prev, iteration)

@@ -12,6 +12,8 @@ $w_t \sim N(0, I)$, observed as $0 = \Delta_t + v_t$, $v_t \sim N(0, I / \lambda
 search ([`parassm.TrustRegion`][] by default).
 """
 
+from typing import ClassVar
+
 from .. import _linear as linear
 from ._parallel import AbstractLevenbergMarquardtSolver
 from ._search import AbstractSearch, TrustRegion
@@ -70,9 +72,7 @@ class ELK(AbstractLevenbergMarquardtSolver):
     rtol: float | None = None
     atol: float | None = None
 
-    @property
-    def maps_apart(self):
-        return True
+    maps_apart: ClassVar[bool] = True
 
     def linearise(self, problem, s_prev, iteration):
         fs, J = self.jacobian(problem, s_prev, iteration)

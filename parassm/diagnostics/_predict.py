@@ -29,6 +29,7 @@ import functools as ft
 import json
 import math
 import pathlib
+from typing import NamedTuple
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
@@ -107,31 +108,43 @@ def extrapolate(
     return jnp.clip(jnp.ceil(pred), 1, length).astype(jnp.result_type(int))
 
 
-def _trial_and_work(solver: AbstractParallelSolver, size: int, flops: float):
-    """`(trial solver, f-evaluations per step, extra flops per step)` of one iteration."""
+class Work(NamedTuple):
+    """What one iteration of a solver costs, per step: `evaluations` of `f`, the flops
+    of its linear solve by the associative scan (`scan_flops`) and by the loop over time
+    (`loop_flops`); and the solver whose trial predicts its steps."""
+
+    trial: AbstractParallelSolver
+    evaluations: float
+    scan_flops: float
+    loop_flops: float
+
+
+def work(solver: AbstractParallelSolver, size: int) -> Work:
+    """The cost of one iteration of `solver` at state size `size` (see `Work`)."""
     rtol, atol = solver.rtol, solver.atol
+    dense = (4.0 * size**3, 2.0 * size**2)  # matrix products / matrix-vector products
     if isinstance(solver, ELK):
-        return (
-            DEER(jacobian=solver.jacobian, rtol=rtol, atol=atol),
-            2.0 * (1 + size),
-            (12.0 * size**3),
-        )
+        trial = DEER(jacobian=solver.jacobian, rtol=rtol, atol=atol)
+        return Work(trial, 2.0 * (1 + size), 12.0 * size**3, dense[1])
     if isinstance(solver, QuasiELK):
         trial = QuasiDEER(diagonal=solver.diagonal, rtol=rtol, atol=atol)
-        return trial, 2.0 * _diagonal_evaluations(solver.diagonal, size), 24.0 * size
+        return Work(
+            trial, 2.0 * _diagonal_evaluations(solver.diagonal, size), 24.0 * size, 2.0 * size
+        )
     if isinstance(solver, DEER):
         evaluations = 2.0 if isinstance(solver.jacobian, FunctionJacobian) else 1.0 + size
-        return solver, evaluations, 4.0 * size**3
+        return Work(solver, evaluations, *dense)
     if isinstance(solver, QuasiDEER):
-        return solver, _diagonal_evaluations(solver.diagonal, size), 8.0 * size
+        return Work(solver, _diagonal_evaluations(solver.diagonal, size), 8.0 * size, 2.0 * size)
     if isinstance(solver, BlockQuasiDEER):
-        return solver, 1.0 + size, 4.0 * size * solver.block_size**2
+        k = solver.block_size
+        return Work(solver, 1.0 + size, 4.0 * size * k**2, 2.0 * size * k)
     if isinstance(solver, Picard):
-        return solver, 1.0, 4.0 * size
+        return Work(solver, 1.0, 4.0 * size, 2.0 * size)
     if isinstance(solver, Jacobi):
-        return solver, 1.0, 2.0 * size
+        return Work(solver, 1.0, 2.0 * size, 2.0 * size)
     # An unknown parallel solver: costed like DEER, and trialled as itself.
-    return solver, 1.0 + size, 4.0 * size**3
+    return Work(solver, 1.0 + size, *dense)
 
 
 def _diagonal_evaluations(diagonal, size: int) -> float:
@@ -146,22 +159,12 @@ def trial_solver(solver: AbstractParallelSolver) -> AbstractParallelSolver:
     """The solver whose trial predicts `solver`'s steps: itself, except for ELK and
     quasi-ELK, predicted from DEER's and quasi-DEER's (their damping only slows
     convergence where the undamped step is already fast)."""
-    return _trial_and_work(solver, 1, 1.0)[0]
+    return work(solver, 1).trial
 
 
 # Vectorised passes of one iteration besides its scan: the values and maps, the
 # residual and its norms, the search's bookkeeping.
 PASSES_PER_ITERATION = 8
-
-
-def _loop_flops(solver: AbstractParallelSolver, size: int) -> float:
-    """Flops per step of the linear solve one step after the other (`LoopScan`): a
-    matrix-vector product for dense maps, elementwise for diagonal ones."""
-    if isinstance(solver, DEER | ELK):
-        return 2.0 * size**2
-    if isinstance(solver, BlockQuasiDEER):
-        return 2.0 * size * solver.block_size
-    return 2.0 * size
 
 
 def iteration_time(
@@ -170,11 +173,11 @@ def iteration_time(
     """Seconds for one iteration of `solver` on `length` steps of a step function of
     `flops` floating-point operations and state size `size`, with the linear scan the
     hardware runs (`Hardware.loop_scan`: on CPU a loop over time)."""
-    _, evaluations, extra = _trial_and_work(solver, size, flops)
+    w = work(solver, size)
     if hardware.loop_scan:
         vectorised = PASSES_PER_ITERATION * hardware.call_latency
-        vectorised += length * evaluations * flops / hardware.vector_flops
-        return vectorised + hardware.sequential_time(length, _loop_flops(solver, size))
+        vectorised += length * w.evaluations * flops / hardware.vector_flops
+        return vectorised + hardware.sequential_time(length, w.loop_flops)
     levels = 2 * math.ceil(math.log2(max(length, 2))) + PASSES_PER_ITERATION
-    work = evaluations * flops + extra
-    return levels * hardware.call_latency + length * work / hardware.vector_flops
+    per_step = w.evaluations * flops + w.scan_flops
+    return levels * hardware.call_latency + length * per_step / hardware.vector_flops
