@@ -191,6 +191,7 @@ def test_trial_length_follows_the_lle():
     assert settings.trial_length(0.004, 10_000) == 1024  # capped
     assert settings.trial_length(0.0, 10_000) == 1024
     assert settings.trial_length(float("nan"), 300) == 300  # never beyond T
+    assert settings.trial_length(float("-inf"), 10_000) == 128  # superstable
     assert settings.trial_length(-0.02, 100) == 100
     # A proxy length the user gives is used as is.
     fixed = parassm.diagnostics._diagnose.default_settings((parassm.DEER(),), proxy_length=64)

@@ -109,16 +109,18 @@ class Settings(eqx.Module):
 
     def trial_length(self, lle: float, length: int) -> int:
         """The prefix the trials run on: `proxy_length` steps, or `DECAY_LENGTHS / |lle|`
-        rounded up to a power of two when that is longer (at most `max_proxy_length`),
-        and never more than `length`."""
-        base = self.proxy_length
-        if math.isfinite(lle) and abs(lle) > 0:
-            need = DECAY_LENGTHS / abs(lle)
-            if need > base:
-                base = 2 ** math.ceil(math.log2(min(need, self.max_proxy_length)))
+        rounded up to a power of two when that is longer (at most `max_proxy_length`;
+        the longest for an LLE of zero or NaN), and never more than `length`."""
+        if math.isnan(lle) or lle == 0:
+            need = math.inf  # an isometry, or unknown: errors never decay
         else:
-            base = self.max_proxy_length
-        return min(length, max(self.proxy_length, min(base, self.max_proxy_length)))
+            need = DECAY_LENGTHS / abs(lle)  # zero for a superstable map (LLE = -inf)
+        prefix = self.proxy_length
+        if need > prefix:
+            prefix = min(
+                2 ** math.ceil(math.log2(min(need, self.max_proxy_length))), self.max_proxy_length
+            )
+        return min(length, prefix)
 
 
 def default_settings(
