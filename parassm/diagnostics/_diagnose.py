@@ -146,10 +146,10 @@ def default_settings(
     )
 
 
-def lyapunov_flat(flat: Flat, xs: PyTree | None, length: int, settings: Settings) -> dict:
+def lyapunov_flat(flat: Flat, xs: PyTree | None, length: int, lle_steps: int) -> dict:
     """The first stage of the diagnosis (traceable): the LLE on the first `lle_steps`
     steps, its running estimate, and whether the trajectory there is finite."""
-    n_lle = min(length, settings.lle_steps)
+    n_lle = min(length, lle_steps)
     xs_lle = slice_inputs(xs, 0, n_lle)
     before = trajectory_before(flat, xs_lle, n_lle)
     stretch = qr_log_stretch(flat, xs_lle, before, 1)[:, 0]
@@ -207,8 +207,9 @@ def diagnose_flat(
 
 
 @eqx.filter_jit
-def _lyapunov_jit(f, s0, xs, length, settings):
-    return lyapunov_flat(flatten(f, s0), xs, length, settings)
+def _lyapunov_jit(f, s0, xs, length, lle_steps):
+    # Not given the settings: one program whatever the solvers to predict.
+    return lyapunov_flat(flatten(f, s0), xs, length, lle_steps)
 
 
 @eqx.filter_jit
@@ -221,7 +222,7 @@ def diagnosis_arrays(f, s0, xs, length: int, settings: Settings) -> dict:
     the trials on a prefix whose length depends on it (`Settings.trial_length`).
     Returns the arrays of both stages and `proxy_length`; only the first stage's when
     the trajectory is not finite (`finite` false)."""
-    first = _lyapunov_jit(f, s0, xs, length, settings)
+    first = _lyapunov_jit(f, s0, xs, length, settings.lle_steps)
     if not bool(first["finite"]):
         return dict(first, proxy_length=min(length, settings.proxy_length))
     Tp = settings.trial_length(float(first["lle"]), length)
