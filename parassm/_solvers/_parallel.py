@@ -27,6 +27,13 @@ pass that confirms convergence and a trial the search rejects cost one evaluatio
 `f` and no Jacobian; otherwise the values and the maps of every trial come from one
 pass, and only the confirming pass's maps go unused.
 
+Solvers whose maps are cheap to keep but dear to form (diagonals and blocks by `D` JVPs
+per step: `AbstractParallelSolver.reuse_threshold > 0`) reuse them: at an accepted iterate
+reached by a fast step (its merit below the threshold times the previous one's, no
+trial rejected on the way) the last maps are kept, and the iteration costs one
+evaluation of `f` and one scan (a chord step). A slow step, a rejection or the first
+iterate forms new ones. Their maps are then formed apart from the values, as above.
+
 Safeguards, which keep the causality bound "at most T accepted iterations" in floating
 point whatever the step is:
 
@@ -215,6 +222,9 @@ class LoopState(eqx.Module):
     search_state: PyTree
     # For a search that may retry from the same iterate: the descent's state there.
     descent_state: PyTree
+    # For a solver that reuses its maps (`reuse_threshold > 0`): the last ones formed.
+    reuse: "Reuse | None"
+    num_linearisations: Int[Array, ""]
     trial: Float[Array, "T D"]
     done: Bool[Array, ""]
 
@@ -227,6 +237,52 @@ class LoopState(eqx.Module):
     @property
     def converged(self) -> Bool[Array, ""]:
         return self.front >= self.S.shape[0]
+
+
+class Reuse(eqx.Module):
+    """What the loop knows about the maps of a solver that reuses them: the last maps
+    formed, how many accepted steps in a row were made with them kept, the merit ratio
+    (new over old) of the last accepted step and of the last step made with freshly
+    formed maps."""
+
+    maps: PyTree
+    kept_steps: Int[Array, ""]
+    last_ratio: Float[Array, ""]
+    fresh_ratio: Float[Array, ""]
+
+    # A step made with kept maps this many times slower (in merit ratio) than the
+    # last one made with fresh maps: stale maps cost progress, form new ones.
+    slowdown: ClassVar[float] = 4.0
+    # A step made with fresh maps this many times faster than the step before it:
+    # convergence is superlinear (maps close to the Jacobian), keep forming them.
+    speedup: ClassVar[float] = 4.0
+    # Form fresh maps after this many kept steps in a row, to see whether they would
+    # now converge faster (e.g. Newton's quadratic phase, which kept maps cannot show).
+    max_kept: ClassVar[int] = 3
+
+    def next(
+        self,
+        formed: PyTree,
+        ratio: Float[Array, ""],
+        threshold: Float[Array, ""] | float,
+        may_keep: Bool[Array, ""],
+    ) -> tuple["Reuse", Bool[Array, ""]]:
+        """After an accepted step with merit ratio `ratio`: the next state and whether
+        to keep the maps (`formed`, a thunk, gives fresh ones otherwise)."""
+        was_kept = self.kept_steps > 0
+        fresh_ratio = jnp.where(was_kept, self.fresh_ratio, ratio)
+        stale = was_kept & (ratio > self.slowdown * self.fresh_ratio)
+        accelerating = ~was_kept & (self.speedup * ratio < self.last_ratio)
+        keep = (
+            may_keep
+            & (ratio <= threshold)
+            & ~stale
+            & ~accelerating
+            & (self.kept_steps < self.max_kept)
+        )
+        maps = lax.cond(keep, lambda: self.maps, formed)
+        kept_steps = jnp.where(keep, self.kept_steps + 1, 0)
+        return Reuse(maps, kept_steps, ratio, fresh_ratio), keep
 
 
 class AbstractObserver(eqx.Module):
@@ -255,6 +311,20 @@ class History(AbstractObserver):
         k = state.num_steps
         log_max = jnp.log(jnp.max(state.err))
         return prefix.at[k].set(state.front, mode="drop"), log_res.at[k].set(log_max, mode="drop")
+
+
+# Below this many evaluations of `f` per linearisation (e.g. the `D` JVPs of an exact
+# diagonal at `D < 4`) kept maps save too little to pay for the slower steps they can
+# bring (measured: the logistic map, `D = 1`, took up to 2 more steps).
+REUSE_MIN_EVALUATIONS = 4
+
+
+def default_reuse_threshold(relinearise: float | None, evaluations: float) -> float:
+    """The threshold of a solver's `relinearise` argument: as given, or by default 0.25
+    where its maps cost at least `REUSE_MIN_EVALUATIONS` evaluations of `f`, else 0."""
+    if relinearise is not None:
+        return relinearise
+    return 0.25 if evaluations >= REUSE_MIN_EVALUATIONS else 0.0
 
 
 class AbstractParallelSolver(AbstractSolver):
@@ -290,6 +360,13 @@ class AbstractParallelSolver(AbstractSolver):
     # costs 0.9 ms, of values and dense Jacobians 31 ms, of values and exact diagonals
     # 4.9 ms).
     maps_apart: ClassVar[bool] = False
+
+    def reuse_threshold(self, size: int) -> float:
+        """When the loop keeps the maps rather than forming new ones, at state size
+        `size` (see `Reuse`): after a step whose merit ratio is at most this. Zero (the
+        default) forms them at every iterate; solvers whose maps cost JVPs take a
+        `relinearise` argument."""
+        return 0.0
 
     def tolerances(self, dtype) -> tuple[float, float]:
         """`(rtol, atol)`: the defaults are `eps ** 0.7` of the dtype and zero."""
@@ -350,7 +427,11 @@ def newton_loop(
     dtype = S0.dtype
     T = S0.shape[0]
 
-    apart = solver.maps_apart
+    threshold = solver.reuse_threshold(S0.shape[1])
+    # Static: whether maps may be reused (a traced threshold counts as reuse).
+    reuse = not (isinstance(threshold, int | float) and threshold <= 0)
+    # Reused maps are formed apart from the values: a trial then costs only `f`.
+    apart = solver.maps_apart or reuse
 
     def evaluate(S, iteration):
         # `(values, maps or None, err, front, tol)` at `S`.
@@ -378,6 +459,10 @@ def newton_loop(
 
         shapes = eqx.filter_eval_shape(prepared, S0)
         descent_state0 = jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    maps0 = None
+    if reuse:
+        shapes = eqx.filter_eval_shape(maps, S0, 0)
+        maps0 = jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
     inf = jnp.asarray(jnp.inf, dtype)
     state0 = LoopState(
         S=S0,
@@ -391,6 +476,8 @@ def newton_loop(
         step_size=jnp.asarray(step_size0, dtype),
         search_state=search_state,
         descent_state=descent_state0,
+        reuse=None if maps0 is None else Reuse(maps0, jnp.array(0), inf, inf),
+        num_linearisations=jnp.array(0),
         trial=S0,
         done=jnp.array(False),
     )
@@ -442,23 +529,37 @@ def newton_loop(
         nonfinite = jnp.any((jnp.arange(T) == front)[:, None] & ~jnp.isfinite(fs))
         done = (front >= T) | nonfinite | (num_steps >= max_steps)
 
+        iteration = state.num_trials + 1
+
+        def linearisation():
+            # `(maps, reuse state, how many maps were formed)` at the accepted `S`.
+            if not apart:
+                return A, state.reuse, jnp.array(0)  # formed with the values, counted there
+            if not reuse:
+                return maps(S, iteration), None, jnp.array(1)
+            ratio = merit(trial_err, rtol) / merit(state.err, rtol)
+            may_keep = ~first & (state.rejections == 0)
+            reused, keep = state.reuse.next(lambda: maps(S, iteration), ratio, threshold, may_keep)
+            return reused.maps, reused, jnp.where(keep, 0, 1)
+
         def prepare():
-            transition = maps(S, state.num_trials + 1) if apart else A
-            return descent.prepare(transition, S - fs, front)
+            transition, reused, formed = linearisation()
+            return descent.prepare(transition, S - fs, front), reused, formed
+
+        unchanged = (state.descent_state, state.reuse, jnp.array(0))
 
         def next_trial():
             if search.may_reject:
                 # A rejected trial is retried with the same linearisation.
-                descent_state = lax.cond(accept, prepare, lambda: state.descent_state)
+                prepared = lax.cond(accept, prepare, lambda: unchanged)
             else:
-                descent_state = prepare()
-            trial = descent.step(descent_state, step_size, S, fs)
-            return safeguarded(S, fs, trial, front), descent_state
+                prepared = prepare()
+            trial = descent.step(prepared[0], step_size, S, fs)
+            kept = prepared[0] if search.may_reject else None
+            return safeguarded(S, fs, trial, front), (kept,) + prepared[1:]
 
-        if search.may_reject:
-            next_, descent_state = lax.cond(done, lambda: (S, state.descent_state), next_trial)
-        else:
-            next_, descent_state = lax.cond(done, lambda: S, lambda: next_trial()[0]), None
+        next_, (descent_state, reused, formed) = lax.cond(done, lambda: (S, unchanged), next_trial)
+        num_linearisations = state.num_linearisations + formed + (0 if apart else 1)
         state = LoopState(
             S=S,
             fs=fs,
@@ -471,6 +572,8 @@ def newton_loop(
             step_size=step_size,
             search_state=search_state,
             descent_state=descent_state,
+            reuse=reused,
+            num_linearisations=num_linearisations,
             trial=next_,
             done=done,
         )
@@ -527,9 +630,19 @@ def finish(
         residual=jnp.max(state.err),
         max_abs_residual=jnp.max(jnp.abs(state.S - state.fs)),
         converged_prefix=state.front,
+        num_linearisations=state.num_linearisations,
         **solver.search.stats(state.search_state, state.step_size, state.num_trials),
     )
     return S, result, stats
+
+
+def _check_relinearise(solver) -> None:
+    value = getattr(solver, "relinearise", None)
+    if isinstance(value, int | float) and not value >= 0:
+        raise ValueError(
+            f"{type(solver).__name__}(relinearise=...) must be >= 0 (0 forms new maps at "
+            f"every iterate); got {value}."
+        )
 
 
 def _check_search(solver, allowed: tuple[type, ...]) -> None:
@@ -549,6 +662,7 @@ class AbstractNewtonSolver(AbstractParallelSolver):
 
     def __check_init__(self):
         check_tolerances(self.rtol, self.atol)
+        _check_relinearise(self)
         _check_search(self, (Undamped, Backtracking))
 
     @property
@@ -563,6 +677,7 @@ class AbstractLevenbergMarquardtSolver(AbstractParallelSolver):
 
     def __check_init__(self):
         check_tolerances(self.rtol, self.atol)
+        _check_relinearise(self)
         _check_search(self, (TrustRegion, FixedDamping, Backtracking))
 
     @property

@@ -15,7 +15,7 @@ search ([`parassm.TrustRegion`][] by default).
 from typing import ClassVar
 
 from .. import _linear as linear
-from ._parallel import AbstractLevenbergMarquardtSolver
+from ._parallel import AbstractLevenbergMarquardtSolver, default_reuse_threshold
 from ._search import AbstractSearch, TrustRegion
 from .deer import AbstractJacobian, ExactJacobian
 from .quasi_deer import AbstractDiagonal, ExactDiagonal
@@ -88,7 +88,7 @@ class QuasiELK(AbstractLevenbergMarquardtSolver):
     **Arguments:**
 
     - `search`: as for [`parassm.ELK`][].
-    - `diagonal`: as for [`parassm.QuasiDEER`][].
+    - `diagonal`, `relinearise`: as for [`parassm.QuasiDEER`][].
     - `rtol`, `atol`: as for [`parassm.DEER`][].
 
     See [`parassm.ELK`][] for references.
@@ -98,6 +98,10 @@ class QuasiELK(AbstractLevenbergMarquardtSolver):
     diagonal: AbstractDiagonal = ExactDiagonal()
     rtol: float | None = None
     atol: float | None = None
+    relinearise: float | None = None
+
+    def reuse_threshold(self, size):
+        return default_reuse_threshold(self.relinearise, self.diagonal.evaluations(size))
 
     def linearise(self, problem, s_prev, iteration):
         fs, diagonal = self.diagonal(problem, s_prev, iteration)

@@ -72,11 +72,11 @@ class SlidingWindow(AbstractSolver):
             return Problem(flat.fn, flat.unravel, xs_w, s_before, W)
 
         def cond(carry):
-            _, front, num_steps, _, _, nonfinite = carry
+            _, front, num_steps, _, _, _, nonfinite = carry
             return (front < T) & ~nonfinite & (num_steps < max_steps)
 
         def body(carry):
-            S, front, num_steps, num_trials, search, _ = carry
+            S, front, num_steps, num_trials, num_maps, search, _ = carry
             w0 = jnp.minimum(front, T - W)
             # The size of the converged trajectory before the window, for the
             # convergence test (as if the whole trajectory were measured).
@@ -96,6 +96,7 @@ class SlidingWindow(AbstractSolver):
                 w0 + state.front,
                 num_steps + state.num_steps,
                 num_trials + state.num_trials,
+                num_maps + state.num_linearisations,
                 (state.step_size, state.search_state),
                 state.nonfinite,
             )
@@ -103,8 +104,8 @@ class SlidingWindow(AbstractSolver):
         zero = jnp.array(0)
         search = solver.search.init(S0.dtype)
         search = (jnp.asarray(search[0], S0.dtype), search[1])
-        carry = (S0, zero, zero, zero, search, jnp.array(False))
-        S, _, num_steps, num_trials, search, _ = lax.while_loop(cond, body, carry)
+        carry = (S0, zero, zero, zero, zero, search, jnp.array(False))
+        S, _, num_steps, num_trials, num_maps, search, _ = lax.while_loop(cond, body, carry)
         # The whole trajectory measured once more: the result and the statistics.
         fs = Problem(flat.fn, flat.unravel, xs, flat.s0, T).evaluate(S)
         err, front, tol = measure(S, fs, *solver.tolerances(S.dtype))
@@ -120,6 +121,8 @@ class SlidingWindow(AbstractSolver):
             step_size=search[0],
             search_state=search[1],
             descent_state=None,
+            reuse=None,
+            num_linearisations=num_maps,
             trial=S,
             done=jnp.array(True),
         )

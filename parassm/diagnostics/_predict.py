@@ -40,7 +40,7 @@ from .._solvers.deer import DEER, FunctionJacobian
 from .._solvers.elk import ELK, QuasiELK
 from .._solvers.jacobi import Jacobi
 from .._solvers.picard import Picard
-from .._solvers.quasi_deer import FunctionDiagonal, HutchinsonDiagonal, QuasiDEER
+from .._solvers.quasi_deer import QuasiDEER
 from ._hardware import Hardware
 from ._trial import steps_to_reach
 
@@ -148,11 +148,7 @@ def work(solver: AbstractParallelSolver, size: int) -> Work:
 
 
 def _diagonal_evaluations(diagonal, size: int) -> float:
-    if isinstance(diagonal, HutchinsonDiagonal):
-        return 1.0 + diagonal.num_samples
-    if isinstance(diagonal, FunctionDiagonal):
-        return 2.0
-    return 1.0 + size
+    return 1.0 + diagonal.evaluations(size)
 
 
 def trial_solver(solver: AbstractParallelSolver) -> AbstractParallelSolver:
