@@ -14,6 +14,8 @@ separately):
   with the backend's default linear scan (on CPU a loop over time,
   `parassm.linear.LoopScan`); and DEER / quasi-DEER with the associative scan (the
   algorithm accelerators run, and the peers' and the reference's on every backend);
+  and quasi-DEER forming its diagonals at every iterate (`relinearise=0`, as the peers
+  and the reference do; the default keeps them after fast steps);
 - the minimal reference iteration written below -- `jax.vmap(jax.jacfwd(f))` over all
   steps and one `lax.associative_scan` (matmul combine for DEER, elementwise for the
   diagonal) -- run for the same number of iterations as parassm plus one (parassm's
@@ -132,6 +134,7 @@ def parassm_solvers(case: Case) -> dict[str, Any]:
         "DEER (associative scan)": parassm.DEER(),
         "DEER (closed-form J)": parassm.DEER(parassm.FunctionJacobian(jacobian)),
         "QuasiDEER": parassm.QuasiDEER(),
+        "QuasiDEER (diagonals every iterate)": parassm.QuasiDEER(relinearise=0),
         "QuasiDEER (associative scan)": parassm.QuasiDEER(),
         "QuasiDEER (closed-form diag)": parassm.QuasiDEER(parassm.FunctionDiagonal(diagonal)),
         "QuasiDEER (Hutchinson)": parassm.QuasiDEER(parassm.HutchinsonDiagonal()),
@@ -153,6 +156,7 @@ REFERENCE_OF = {
     "DEER (closed-form J)": "dense",
     "ELK": "dense",
     "QuasiDEER": "diagonal",
+    "QuasiDEER (diagonals every iterate)": "diagonal",
     "QuasiDEER (associative scan)": "diagonal",
     "QuasiDEER (closed-form diag)": "diagonal",
     "QuasiDEER (Hutchinson)": "diagonal",
@@ -272,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-s", type=float, default=None, help="stop starting new grid points after this"
     )
     parser.add_argument("--only", nargs="*", default=None, help="parassm solver names to run")
+    parser.add_argument(
+        "--peer-methods", nargs="*", default=None, help="peer methods to run (default: all)"
+    )
     parser.add_argument("--H", type=int, nargs="*", default=None, help="override the grid")
     parser.add_argument("--T", type=int, nargs="*", default=None, help="override the grid")
     args = parser.parse_args(argv)
@@ -319,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             expected = contenders[0].output
             for name, (run, iterations) in peer_runs(case, peers).items():
+                if args.peer_methods is not None and name not in args.peer_methods:
+                    continue
                 if "quasi" not in name and T * H * H > DENSE_LIMIT:
                     skipped.append(dict(method=name, kind="peer", note="dense Jacobians too large"))
                     continue

@@ -313,18 +313,24 @@ class History(AbstractObserver):
         return prefix.at[k].set(state.front, mode="drop"), log_res.at[k].set(log_max, mode="drop")
 
 
-# Below this many evaluations of `f` per linearisation (e.g. the `D` JVPs of an exact
-# diagonal at `D < 4`) kept maps save too little to pay for the slower steps they can
-# bring (measured: the logistic map, `D = 1`, took up to 2 more steps).
-REUSE_MIN_EVALUATIONS = 4
+# Kept maps pay where forming them is a large pass: they save its cost at every kept
+# step, and cost a pass of values of their own at every step that forms new ones
+# (maps kept are formed apart from the values) plus the loop's bookkeeping. Measured
+# on a 2-core CPU (GRU, exact diagonal, `bench/peers.py`): 0.71-0.84x the time of
+# forming them at every iterate for `T = 1e4` and `D >= 32`, but 1.04-1.28x for
+# `T = 1e3`, and level at `D = 8`, `T = 1e4`; and in one dimension (the logistic map)
+# up to 2 more steps. By default they are kept only where `T` times the evaluations
+# of `f` a linearisation costs reaches this.
+REUSE_MIN_WORK = 2**17
 
 
-def default_reuse_threshold(relinearise: float | None, evaluations: float) -> float:
+def default_reuse_threshold(relinearise: float | None, evaluations: float, length: int) -> float:
     """The threshold of a solver's `relinearise` argument: as given, or by default 0.25
-    where its maps cost at least `REUSE_MIN_EVALUATIONS` evaluations of `f`, else 0."""
+    where the maps of `length` steps cost at least `REUSE_MIN_WORK` evaluations of `f`
+    (`evaluations` per step), else 0."""
     if relinearise is not None:
         return relinearise
-    return 0.25 if evaluations >= REUSE_MIN_EVALUATIONS else 0.0
+    return 0.25 if length * evaluations >= REUSE_MIN_WORK else 0.0
 
 
 class AbstractParallelSolver(AbstractSolver):
@@ -361,11 +367,11 @@ class AbstractParallelSolver(AbstractSolver):
     # 4.9 ms).
     maps_apart: ClassVar[bool] = False
 
-    def reuse_threshold(self, size: int) -> float:
+    def reuse_threshold(self, size: int, length: int) -> float:
         """When the loop keeps the maps rather than forming new ones, at state size
-        `size` (see `Reuse`): after a step whose merit ratio is at most this. Zero (the
-        default) forms them at every iterate; solvers whose maps cost JVPs take a
-        `relinearise` argument."""
+        `size` and `length` steps (see `Reuse`): after a step whose merit ratio is at
+        most this. Zero (the default) forms them at every iterate; solvers whose maps
+        cost JVPs take a `relinearise` argument."""
         return 0.0
 
     def tolerances(self, dtype) -> tuple[float, float]:
@@ -427,7 +433,7 @@ def newton_loop(
     dtype = S0.dtype
     T = S0.shape[0]
 
-    threshold = solver.reuse_threshold(S0.shape[1])
+    threshold = solver.reuse_threshold(S0.shape[1], T)
     # Static: whether maps may be reused (a traced threshold counts as reuse).
     reuse = not (isinstance(threshold, int | float) and threshold <= 0)
     # Reused maps are formed apart from the values: a trial then costs only `f`.

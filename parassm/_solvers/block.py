@@ -38,7 +38,7 @@ class BlockQuasiDEER(AbstractNewtonSolver):
     search: AbstractSearch = Undamped()
     relinearise: float = 0.0
 
-    def reuse_threshold(self, size):
+    def reuse_threshold(self, size, length):
         return self.relinearise
 
     def __check_init__(self):

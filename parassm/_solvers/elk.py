@@ -100,8 +100,9 @@ class QuasiELK(AbstractLevenbergMarquardtSolver):
     atol: float | None = None
     relinearise: float | None = None
 
-    def reuse_threshold(self, size):
-        return default_reuse_threshold(self.relinearise, self.diagonal.evaluations(size))
+    def reuse_threshold(self, size, length):
+        evaluations = self.diagonal.evaluations(size)
+        return default_reuse_threshold(self.relinearise, evaluations, length)
 
     def linearise(self, problem, s_prev, iteration):
         fs, diagonal = self.diagonal(problem, s_prev, iteration)

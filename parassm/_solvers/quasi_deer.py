@@ -132,10 +132,12 @@ class QuasiDEER(AbstractNewtonSolver):
         faster than the one before it (superlinear convergence: the diagonal is close
         to the whole Jacobian), and after 3 kept steps in a row. `0` forms them at
         every iterate (quasi-DEER as published). `None` (default): 0.25 where the
-        diagonal costs at least 4 evaluations of `f` (e.g. `ExactDiagonal` with
-        `D >= 4`), else 0. The diagonal is an approximation of the Jacobian anyway,
-        and one formed a few iterates back is about as good: on a GRU (`H = 32`,
-        `T = 1e4`, float32) the default forms them 3 times for the same 9 steps.
+        diagonals of the whole sequence cost at least `2**17` evaluations of `f`
+        (`T` times `D` for `ExactDiagonal`), else 0: keeping them pays on large
+        problems and costs a little time on small ones (measured on a GRU, float32,
+        2 CPU cores: `H = 32`, `T = 1e4`, 3 diagonals for the same 9 steps, 0.8x the
+        time; `T = 1e3`, up to 1.3x). The diagonal is an approximation of the Jacobian
+        anyway, and one formed a few iterates back is about as good.
         `Solution.stats["num_linearisations"]` counts them.
     - `rtol`, `atol`, `search`: as for [`parassm.DEER`][].
 
@@ -158,8 +160,9 @@ class QuasiDEER(AbstractNewtonSolver):
     search: AbstractSearch = Backtracking()
     relinearise: float | None = None
 
-    def reuse_threshold(self, size):
-        return default_reuse_threshold(self.relinearise, self.diagonal.evaluations(size))
+    def reuse_threshold(self, size, length):
+        evaluations = self.diagonal.evaluations(size)
+        return default_reuse_threshold(self.relinearise, evaluations, length)
 
     def linearise(self, problem, s_prev, iteration):
         fs, diagonal = self.diagonal(problem, s_prev, iteration)
