@@ -167,20 +167,21 @@ class LevenbergMarquardtDescent(AbstractDescent):
     elementwise one)."""
 
     def prepare(self, transition, r, front):
-        return kalman_transition(transition, r.shape[1]), r, front
+        # The undamped (Newton) correction, by the causal scan, outside the branches of
+        # `step`: it is the usual trial, and the dense maps it reads are not copied
+        # into a conditional.
+        A = kalman_transition(transition, r.shape[1])
+        return A, r, front, newton_correction(A, r, front)
 
     def step(self, state, step_size, S, fs):
-        A, r, front = state
-
-        def newton():
-            return S + newton_correction(A, r, front)
-
-        def damped():
-            return S + lm_correction(A, r, front, 1 / step_size)
-
-        branch = jnp.where(step_size == 0, 0, jnp.where(jnp.isinf(step_size), 1, 2))
-        return lax.switch(branch, [lambda: fs, newton, damped])
+        A, r, front, newton = state
+        undamped = jnp.isinf(step_size) | (step_size == 0)
+        # The smoother runs only for a damped step.
+        damped = lax.cond(
+            undamped, lambda: S, lambda: S + lm_correction(A, r, front, 1 / step_size)
+        )
+        return jnp.where(step_size == 0, fs, jnp.where(jnp.isinf(step_size), S + newton, damped))
 
     def model_residual(self, state, r, delta):
-        A, _, front = state
+        A, _, front, _ = state
         return r + delta - frozen(A, front).mv(_shift(delta))

@@ -14,7 +14,10 @@ A parallel solver is three pieces (as in optimistix):
 One iteration of the loop at the accepted iterate `S = (s_1..s_T)`, whose values
 `f(s_{t-1}, x_t)` are known:
 
-1. linearise at `S` (only when `S` is new: a rejected trial reuses the descent's state);
+1. linearise at `S` (when `S` is new; after a rejected trial the next one is made at the
+   same `S`: the Jacobi step needs no maps, any other forms them again rather than
+   carrying them from iteration to iteration, which for dense Jacobians would cost
+   copies of `T D^2` numbers at every iteration);
 2. make the correction for the current step size and the trial `S + delta`;
 3. evaluate `f` at the trial (values only), measure its residual (`measure`) and let
    the search accept it or not.
@@ -220,8 +223,9 @@ class LoopState(eqx.Module):
     rejections: Int[Array, ""]
     step_size: Float[Array, ""]
     search_state: PyTree
-    # For a search that may retry from the same iterate: the descent's state there.
-    descent_state: PyTree
+    # The merit the descent's linear model predicts for the pending trial (for a
+    # search that compares the two, e.g. a trust region).
+    predicted: Float[Array, ""]
     # For a solver that reuses its maps (`reuse_threshold > 0`): the last ones formed.
     reuse: "Reuse | None"
     num_linearisations: Int[Array, ""]
@@ -456,15 +460,6 @@ def newton_loop(
     if search_state is None:
         search_state = search.init(dtype)
     step_size0, search_state = search_state
-    descent_state0 = None
-    if search.may_reject:
-
-        def prepared(S):
-            fs, _, _, front, _ = evaluate(S, 0)
-            return descent.prepare(maps(S, 0), S - fs, front)
-
-        shapes = eqx.filter_eval_shape(prepared, S0)
-        descent_state0 = jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
     maps0 = None
     if reuse:
         shapes = eqx.filter_eval_shape(maps, S0, 0)
@@ -481,7 +476,7 @@ def newton_loop(
         rejections=jnp.array(0),
         step_size=jnp.asarray(step_size0, dtype),
         search_state=search_state,
-        descent_state=descent_state0,
+        predicted=inf,
         reuse=None if maps0 is None else Reuse(maps0, jnp.array(0), inf, inf),
         num_linearisations=jnp.array(0),
         trial=S0,
@@ -497,12 +492,6 @@ def newton_loop(
         trial_fs, A, trial_err, trial_front, trial_tol = evaluate(trial, state.num_trials + 1)
         first = state.num_steps < 0
         if search.may_reject:
-
-            def predicted_merit():
-                r = state.S - state.fs
-                model = descent.model_residual(state.descent_state, r, trial - state.S)
-                return merit(jnp.max(jnp.abs(model), axis=1) / state.tol, rtol)
-
             info = Trial(
                 merit=merit(state.err, rtol),
                 trial_merit=merit(trial_err, rtol),
@@ -511,7 +500,7 @@ def newton_loop(
                 front=state.front,
                 trial_front=trial_front,
                 rejections=state.rejections,
-                predicted_merit=predicted_merit,
+                predicted_merit=lambda: state.predicted,
             )
             accept, step_size, search_state = search.update(
                 state.search_state, state.step_size, info
@@ -548,36 +537,57 @@ def newton_loop(
             reused, keep = state.reuse.next(lambda: maps(S, iteration), ratio, threshold, may_keep)
             return reused.maps, reused, jnp.where(keep, 0, 1)
 
-        def prepare():
-            transition, reused, formed = linearisation()
-            return descent.prepare(transition, S - fs, front), reused, formed
+        tol = keep(trial_tol, state.tol)
 
-        unchanged = (state.descent_state, state.reuse, jnp.array(0))
+        def from_maps(transition):
+            # The trial for the current step size from the maps at `S`, and the merit
+            # the descent's linear model predicts for it.
+            descent_state = descent.prepare(transition, S - fs, front)
+            trial = safeguarded(S, fs, descent.step(descent_state, step_size, S, fs), front)
+            if not search.uses_model:
+                return trial, inf
+            model = descent.model_residual(descent_state, S - fs, trial - S)
+            return trial, merit(jnp.max(jnp.abs(model), axis=1) / tol, rtol)
+
+        def accepted():
+            transition, reused, formed = linearisation()
+            return from_maps(transition) + (reused, formed)
+
+        def retried():
+            # A rejected trial: another step size from the same iterate. The Jacobi
+            # step needs no maps; any other forms them again at `S` (rather than
+            # carrying them, which for dense Jacobians costs copies of `T D^2` numbers
+            # at every iteration).
+            def jacobi():
+                return safeguarded(S, fs, fs, front), inf, state.reuse, jnp.array(0)
+
+            def again():
+                return from_maps(maps(S, iteration)) + (state.reuse, jnp.array(1))
+
+            return lax.cond(step_size == 0, jacobi, again)
 
         def next_trial():
-            if search.may_reject:
-                # A rejected trial is retried with the same linearisation.
-                prepared = lax.cond(accept, prepare, lambda: unchanged)
-            else:
-                prepared = prepare()
-            trial = descent.step(prepared[0], step_size, S, fs)
-            kept = prepared[0] if search.may_reject else None
-            return safeguarded(S, fs, trial, front), (kept,) + prepared[1:]
+            if not search.may_reject:
+                return accepted()
+            return lax.cond(accept, accepted, retried)
 
-        next_, (descent_state, reused, formed) = lax.cond(done, lambda: (S, unchanged), next_trial)
+        def finished():
+            return S, inf, state.reuse, jnp.array(0)
+
+        next_, predicted, reused, formed = lax.cond(done, finished, next_trial)
         num_linearisations = state.num_linearisations + formed + (0 if apart else 1)
         state = LoopState(
             S=S,
             fs=fs,
             err=keep(trial_err, state.err),
-            tol=keep(trial_tol, state.tol),
+            tol=tol,
             front=front,
             num_steps=num_steps,
             num_trials=state.num_trials + 1,
             rejections=jnp.where(accept, 0, state.rejections + 1),
             step_size=step_size,
             search_state=search_state,
-            descent_state=descent_state,
+            predicted=predicted,
             reuse=reused,
             num_linearisations=num_linearisations,
             trial=next_,

@@ -5,9 +5,10 @@ correction of the solver's descent for the current step size, evaluated once. A 
 that never rejects (`Undamped`, `FixedDamping`) keeps one step size; the others
 (`Backtracking`, `TrustRegion`) see every trial's merit and converged front, accept it
 or not, and choose the next step size. A rejected trial is retried from the same
-iterate with the same linearisation. The last of `max_trials` trials in a row is the
-Jacobi step (step size zero), and the loop accepts it: it converges one more step
-like every trial, and on a contracting system it is always safe.
+iterate (with its maps formed again, unless the retry is the Jacobi step). The last
+of `max_trials` trials in a row is the Jacobi step (step size zero), and the loop
+accepts it: it converges one more step like every trial, and on a contracting system
+it is always safe.
 
 For [`parassm.DEER`][]-type solvers the step size moves from the Newton correction
 (one) to the Jacobi correction (zero); for [`parassm.ELK`][]-type solvers it is the
@@ -26,6 +27,8 @@ class AbstractSearch(eqx.Module):
     """How the step size of each trial is chosen, and which trials are accepted."""
 
     may_reject: ClassVar[bool]
+    # Whether `update` calls `trial.predicted_merit()` (the loop then computes it).
+    uses_model: ClassVar[bool] = False
     max_trials: eqx.AbstractVar[int]
 
     @abc.abstractmethod
@@ -176,10 +179,11 @@ class TrustRegion(AbstractSearch):
     is multiplied by `shrink` if $\rho >$ `good_ratio`, kept if `bad_ratio`
     $\le \rho \le$ `good_ratio`, and multiplied by `grow` if $\rho <$ `bad_ratio` --
     except that a step taken only because it extended the front keeps $\lambda$. A
-    rejected trial is retried from the same iterate with the larger $\lambda$ (one more
-    smoother solve and evaluation of `f`); the last of `max_trials` trials in a row is
-    the Jacobi step (as for [`parassm.Backtracking`][]), which is taken and keeps
-    $\lambda$. $\lambda$ stays in `[min_damping, max_damping]`.
+    rejected trial is retried from the same iterate with the larger $\lambda$ (the maps
+    formed again, one smoother solve and one evaluation of `f`); the last of
+    `max_trials` trials in a row is the Jacobi step (as for
+    [`parassm.Backtracking`][]), which is taken and keeps $\lambda$. $\lambda$ stays
+    in `[min_damping, max_damping]`.
 
     **Arguments:**
 
@@ -203,6 +207,7 @@ class TrustRegion(AbstractSearch):
     max_damping: float = 1e12
     max_trials: int = eqx.field(default=3, static=True)
     may_reject: ClassVar[bool] = True
+    uses_model: ClassVar[bool] = True
 
     def __check_init__(self):
         if not 0 < self.min_damping <= self._initial <= self.max_damping:

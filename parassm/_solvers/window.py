@@ -120,7 +120,7 @@ class SlidingWindow(AbstractSolver):
             rejections=zero,
             step_size=search[0],
             search_state=search[1],
-            descent_state=None,
+            predicted=jnp.asarray(jnp.inf, S.dtype),
             reuse=None,
             num_linearisations=num_maps,
             trial=S,
