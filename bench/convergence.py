@@ -306,6 +306,9 @@ def main(argv=None):
                         flush=True,
                     )
                     save()
+                # Every case compiles its own programs: drop them, or one process
+                # runs out of memory for the compiled code (seen on the CPU backend).
+                jax.clear_caches()
     save()
     print(f"wrote {len(rows)} rows to {out}")
     _summary(rows)
