@@ -40,7 +40,8 @@ class AbstractSearch(eqx.Module):
     ) -> tuple[Bool[Array, ""], Float[Array, ""], PyTree[Array]]:
         """`(accept, next_step_size, state)` after a trial (only called when
         `may_reject`). `trial` has `merit`, `trial_merit`, `front`, `trial_front` and
-        `predicted_merit()` (the descent's linear model at the trial)."""
+        `predicted_merit()` (the descent's linear model at the trial; computed by the
+        loop only for a search whose `uses_model` is `True`, else `inf`)."""
         raise NotImplementedError
 
     def stats(
