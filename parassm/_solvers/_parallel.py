@@ -491,10 +491,13 @@ def newton_loop(
         trial = state.trial
         trial_fs, A, trial_err, trial_front, trial_tol = evaluate(trial, state.num_trials + 1)
         first = state.num_steps < 0
+        # The merits of the accepted iterate and of the trial, for the search and the
+        # reuse of maps (unused ones are dropped by the compiler).
+        old_merit, trial_merit = merit(state.err, rtol), merit(trial_err, rtol)
         if search.may_reject:
             info = Trial(
-                merit=merit(state.err, rtol),
-                trial_merit=merit(trial_err, rtol),
+                merit=old_merit,
+                trial_merit=trial_merit,
                 worst=jnp.max(state.err),
                 trial_worst=jnp.max(trial_err),
                 front=state.front,
@@ -532,7 +535,7 @@ def newton_loop(
                 return A, state.reuse, jnp.array(0)  # formed with the values, counted there
             if not reuse:
                 return maps(S, iteration), None, jnp.array(1)
-            ratio = merit(trial_err, rtol) / merit(state.err, rtol)
+            ratio = trial_merit / old_merit
             may_keep = ~first & (state.rejections == 0)
             reused, keep = state.reuse.next(lambda: maps(S, iteration), ratio, threshold, may_keep)
             return reused.maps, reused, jnp.where(keep, 0, 1)
