@@ -166,28 +166,47 @@ def measure(
 MERIT_CAP = 1e10
 
 
+def merit_cap(dtype, rtol: float) -> float:
+    """`MERIT_CAP / rtol`, and no more than the dtype can square (float16: 128)."""
+    info = jnp.finfo(dtype)
+    return min(MERIT_CAP / max(rtol, float(info.eps)), float(info.max) ** 0.5 / 2)
+
+
 def merit(err: Float[Array, " T"], rtol: float) -> Float[Array, ""]:
-    """`1/2 mean_t min(err_t, cap)^2` with `cap = MERIT_CAP / rtol`: the merit on the
+    """`1/2 mean_t min(err_t, cap)^2` with `cap = merit_cap(...)`: the merit on the
     scaled residuals of `measure`, invariant to the scale of the state, and finite
     whatever the iterate (a mean rather than a sum, so that float32 cannot overflow
     for any T; the searches only compare merits and their ratios)."""
-    info = jnp.finfo(err.dtype)
-    # ... and no more than the dtype can square (float16: 128).
-    cap = min(MERIT_CAP / max(rtol, float(info.eps)), float(info.max) ** 0.5 / 2)
-    capped = jnp.minimum(err, jnp.asarray(cap, err.dtype))
+    capped = jnp.minimum(err, jnp.asarray(merit_cap(err.dtype, rtol), err.dtype))
     return 0.5 * jnp.mean(capped * capped)
 
 
 def safeguarded(
-    S: Float[Array, "T D"], fs: Float[Array, "T D"], trial: Float[Array, "T D"], p: Array
+    S: Float[Array, "T D"],
+    fs: Float[Array, "T D"],
+    trial: Float[Array, "T D"],
+    p: Array,
+    blown: Array,
 ) -> Float[Array, "T D"]:
     """`trial` with the loop's safeguards: the converged prefix stays frozen, step `p`
-    becomes exactly `f(s_{p-1}, x_p)`, and the steps from the first non-finite one on
-    keep their previous values."""
+    becomes exactly `f(s_{p-1}, x_p)`, the steps from the first non-finite one on keep
+    their previous values, and the steps after `blown`, the first step of `S` whose
+    residual is blown up (`T` if none), repeat the last step before it.
+
+    Why the last: a correction `s_t + Delta_t` at a step `s_t` that is huge cancels
+    catastrophically (in float64 the iterate of a Newton step from a poor guess can
+    reach 1e66 and stay finite), so every later trial there would be garbage and the
+    front would advance one step per iteration. Repeating the last sane step restarts
+    the tail from the default guess (a constant), as at the first iteration."""
     times = jnp.arange(S.shape[0])[:, None]
     # Exactly `f(s_{p-1})` at the first unconverged step: the correction form would
     # cancel catastrophically if the old guess there were huge.
     trial = jnp.where(times < p, S, jnp.where(times == p, fs, trial))
+    # The row by a masked reduction, not an index (with time split over devices, one
+    # all-reduce rather than a gather).
+    last = jnp.maximum(blown - 1, p)
+    last_sane = jnp.sum(jnp.where(times == last, trial, 0), axis=0)
+    trial = jnp.where(times > last, last_sane, trial)
     # The first non-finite step by a reduction, not a cumulative sum (which XLA gathers
     # whole when time is split over devices).
     first_bad = first_true(~jnp.all(jnp.isfinite(trial), axis=1))
@@ -541,12 +560,15 @@ def newton_loop(
             return reused.maps, reused, jnp.where(keep, 0, 1)
 
         tol = keep(trial_tol, state.tol)
+        err = keep(trial_err, state.err)
+        # The first step whose residual is blown up (counted at the merit's cap).
+        blown = first_true(~(err < merit_cap(dtype, rtol)))
 
         def from_maps(transition):
             # The trial for the current step size from the maps at `S`, and the merit
             # the descent's linear model predicts for it.
             descent_state = descent.prepare(transition, S - fs, front)
-            trial = safeguarded(S, fs, descent.step(descent_state, step_size, S, fs), front)
+            trial = safeguarded(S, fs, descent.step(descent_state, step_size, S, fs), front, blown)
             if not search.uses_model:
                 return trial, inf
             model = descent.model_residual(descent_state, S - fs, trial - S)
@@ -562,7 +584,7 @@ def newton_loop(
             # carrying them, which for dense Jacobians costs copies of `T D^2` numbers
             # at every iteration).
             def jacobi():
-                return safeguarded(S, fs, fs, front), inf, state.reuse, jnp.array(0)
+                return safeguarded(S, fs, fs, front, blown), inf, state.reuse, jnp.array(0)
 
             def again():
                 return from_maps(maps(S, iteration)) + (state.reuse, jnp.array(1))
@@ -582,7 +604,7 @@ def newton_loop(
         state = LoopState(
             S=S,
             fs=fs,
-            err=keep(trial_err, state.err),
+            err=err,
             tol=tol,
             front=front,
             num_steps=num_steps,
