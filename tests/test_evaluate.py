@@ -212,6 +212,40 @@ def test_blown_up_tail_is_restarted(dtype, solver_type):
     assert tree_max_abs_diff(sol.value, ref) < tol
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_expanding_linearisation_restarts_the_tail(dtype):
+    # The two-well sampler started at the saddle between the wells: linearised at the
+    # constant guess the maps expand (about 1.03 per step), so the Newton correction
+    # grows geometrically along the sequence. Trial steps beyond `1 / sqrt(eps)` times
+    # the iterate restart from the last sane step (without: 51 steps in float32).
+    system = parassm.systems.TwoWellLangevin(dtype=dtype)
+    xs = system.inputs(4000)
+    sol = parassm.evaluate(system.f, system.s0, xs=xs, solver=parassm.DEER(), throw=False)
+    assert sol.result == parassm.RESULTS.successful
+    assert int(sol.stats["num_steps"]) <= 20
+    ref = sequential(system.f, system.s0, xs)
+    # Locally unstable between the wells: rounding is amplified along the trajectory.
+    tol = 1e-7 if dtype == jnp.float64 else 2e-2
+    assert tree_max_abs_diff(sol.value, ref) < tol
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_growing_linear_recurrence_still_converges(dtype):
+    # The other side of that restart: a trajectory that genuinely grows by more than
+    # `1 / sqrt(eps)` (here 1.05^t, to 1e21) is cut there at each iteration, so DEER
+    # takes a few steps instead of one; the result is still exact.
+    xs = jr.normal(jr.key(0), (1000,), dtype)
+
+    def f(s, x):
+        return 1.05 * s + x
+
+    sol = parassm.evaluate(f, jnp.asarray(1.0, dtype), xs=xs, solver=parassm.DEER(), throw=False)
+    assert sol.result == parassm.RESULTS.successful
+    assert 1 < int(sol.stats["num_steps"]) <= 8
+    ref = sequential(f, jnp.asarray(1.0, dtype), xs)
+    np.testing.assert_allclose(sol.value, ref, rtol=1e-9 if dtype == jnp.float64 else 1e-4)
+
+
 def test_nonfinite_trajectory_is_reported():
     def f(s, x):
         return s * s + 1.0  # overflows to inf after ~10 steps from 2

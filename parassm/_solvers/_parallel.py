@@ -189,19 +189,32 @@ def safeguarded(
     blown: Array,
 ) -> Float[Array, "T D"]:
     """`trial` with the loop's safeguards: the converged prefix stays frozen, step `p`
-    becomes exactly `f(s_{p-1}, x_p)`, the steps from the first non-finite one on keep
-    their previous values, and the steps after `blown`, the first step of `S` whose
-    residual is blown up (`T` if none), repeat the last step before it.
+    becomes exactly `f(s_{p-1}, x_p)`, and the tail from the first blown-up step on
+    repeats the last step before it. A step is blown up if the residual of `S` there
+    is (`blown`, the first step whose scaled residual reaches the merit's cap; `T` if
+    none), or if the trial there is not finite or larger than `1 / sqrt(eps)` times
+    every step of `S` and `f(S)` before `blown`. Steps that are still not finite keep
+    their previous values.
 
-    Why the last: a correction `s_t + Delta_t` at a step `s_t` that is huge cancels
-    catastrophically (in float64 the iterate of a Newton step from a poor guess can
-    reach 1e66 and stay finite), so every later trial there would be garbage and the
-    front would advance one step per iteration. Repeating the last sane step restarts
-    the tail from the default guess (a constant), as at the first iteration."""
+    Why: a correction `s_t + Delta_t` at a huge `s_t` cancels catastrophically (in
+    float64 the first Newton step from a poor guess can reach 1e66 and stay finite),
+    so every later trial there would be garbage and the front would advance one step
+    per iteration; and a trial that grows by `1 / sqrt(eps)` over the trajectory it
+    corrects (a linearisation that expands, e.g. at an unstable point) would be such
+    a step at the next iteration. Repeating the last sane step restarts the tail from
+    a constant guess, as the default guess does at the first iteration. Only
+    unconverged steps change, so the front still advances at least one step."""
     times = jnp.arange(S.shape[0])[:, None]
     # Exactly `f(s_{p-1})` at the first unconverged step: the correction form would
     # cancel catastrophically if the old guess there were huge.
     trial = jnp.where(times < p, S, jnp.where(times == p, fs, trial))
+    # A trial step far larger than the sane part of the iterate is blown up too (its
+    # correction would lose the trajectory's leading digits at the next iteration).
+    sane = times < blown
+    size = jnp.max(jnp.where(sane, jnp.maximum(jnp.abs(S), jnp.abs(fs)), 0))
+    bound = size / jnp.sqrt(jnp.finfo(S.dtype).eps)
+    huge = first_true(~(jnp.max(jnp.abs(trial), axis=1) <= bound))
+    blown = jnp.minimum(blown, huge)
     # The row by a masked reduction, not an index (with time split over devices, one
     # all-reduce rather than a gather).
     last = jnp.maximum(blown - 1, p)
