@@ -176,6 +176,14 @@ def test_trust_region_rule():
     assert update(1.0, jnp.inf, 0.0, 3, 4)[0] is False
     # After `max_trials - 2` rejections in a row the next trial is the Jacobi step.
     assert update(1.0, 4.0, 0.0, 3, 4, rejections=2)[:2] == (False, 0.0)
+    # The Jacobi step, the last trial, is taken even without progress, and the next
+    # iteration starts afresh: the initial damping, i.e. the Newton step (not another
+    # Jacobi step, nor the damping the rejections grew).
+    accept, step_size, damping = tr.update(
+        jnp.array(1e2), jnp.array(0.0), _trial(1.0, 4.0, 0.0, 3, 4, rejections=3)
+    )
+    assert bool(accept) and float(step_size) == np.inf
+    assert float(damping) == pytest.approx(tr.min_damping)
     # At the floor the step is undamped (step size inf: the causal Newton scan).
     accept, step_size, damping = tr.update(
         jnp.array(tr.min_damping), jnp.array(jnp.inf), _trial(1.0, 0.1, 0.0, 3, 4)
@@ -197,6 +205,9 @@ def test_backtracking_rule():
     assert update(1.0, 1.0, 1.0, 0.0, 3, 4) == (False, 0.5)
     assert update(0.5, 1.0, 1.0, 0.0, 3, 4, rejections=1) == (False, 0.25)
     assert update(0.25, 1.0, 1.0, 0.0, 3, 4, rejections=2) == (False, 0.0)
+    # The Jacobi step is taken even without progress; the next iteration starts from
+    # the Newton step again.
+    assert update(0.0, 1.0, 1.5, 0.0, 3, 4, rejections=3) == (True, 1.0)
     # No decrease, but the converged front moved beyond `p + 1`: accept.
     assert update(1.0, 1.0, 2.0, 0.0, 3, 5) == (True, 1.0)
     # The default: the Newton step, then the Jacobi step.
