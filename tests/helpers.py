@@ -48,11 +48,12 @@ def random_contraction(key, size, contraction, dtype):
 def linear_loop(matrices, b, init, reverse):
     """Reference for `parassm.linear.solve`: the recurrence one step at a time, with
     dense matrices, in NumPy."""
+    matrices, b = np.asarray(matrices), np.asarray(b)  # one transfer, not one per step
     T, D = b.shape
     s = np.zeros(D) if init is None else np.asarray(init)
     out = np.zeros((T, D))
     for t in range(T - 1, -1, -1) if reverse else range(T):
-        s = np.asarray(matrices[t]) @ s + np.asarray(b[t])
+        s = matrices[t] @ s + b[t]
         out[t] = s
     return out
 

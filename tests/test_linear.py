@@ -1,3 +1,4 @@
+import equinox as eqx
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -5,6 +6,11 @@ import parassm.linear as linear
 import pytest
 
 from .helpers import linear_loop as _loop, random_transitions as _transitions
+
+
+# One compiled program per call: run eagerly, the associative scan dispatches (and
+# compiles) every level's operations one at a time, which is most of these tests' time.
+_solve = eqx.filter_jit(linear.solve)
 
 
 @pytest.mark.parametrize("T", [1, 2, 7, 64, 129])
@@ -15,7 +21,7 @@ def test_solve_matches_loop(T, reverse, with_init, getkey):
     b = jr.normal(getkey(), (T, D), jnp.float64)
     init = jr.normal(getkey(), (D,), jnp.float64) if with_init else None
     for transition in _transitions(getkey(), T, D, jnp.float64):
-        out = linear.solve(transition, b, init, reverse=reverse)
+        out = _solve(transition, b, init, reverse=reverse)
         expected = _loop(transition.as_matrix(D), b, init, reverse)
         np.testing.assert_allclose(
             out, expected, rtol=1e-10, atol=1e-10, err_msg=repr(type(transition))
@@ -26,7 +32,7 @@ def test_float32(getkey):
     T, D = 100, 6
     b = jr.normal(getkey(), (T, D), jnp.float32)
     for transition in _transitions(getkey(), T, D, jnp.float32):
-        out = linear.solve(transition, b)
+        out = _solve(transition, b)
         assert out.dtype == jnp.float32
         expected = _loop(transition.as_matrix(D), b, None, False)
         np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
