@@ -107,7 +107,7 @@ class ShardedScan(AbstractScanImpl):
     def scan(self, transition, b, *, reverse):
         return _sharded_linear_scan(self, transition, b, reverse)
 
-    def associative_scan(self, fn, elems, *, reverse=False):
+    def associative_scan(self, fn, elems, *, reverse=False, costly=False):
         return _sharded_associative_scan(self, fn, elems, reverse)
 
 

@@ -209,3 +209,31 @@ def test_solvers_with_the_cpu_default_scan(solver, dtype, getkey):
     with linear.scan_impl("xla"):
         grad_xla = jax.grad(lambda W: jnp.sum(run(W).value ** 2))(W)
     np.testing.assert_allclose(grad, grad_xla, rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("T", [1, 2, 3, 10, 17, 50])
+def test_fold_in_chunks_is_the_associative_scan(T, reverse, getkey):
+    # The CPU default's scan of costly combines (chunks of about sqrt(T) steps, the last
+    # padded) against `lax.associative_scan`, with a combine that is associative but
+    # not commutative (affine maps), and a 3-tuple of leaves of different ranks.
+    from parassm._linear._scan_impl import fold_in_chunks
+
+    def combine(first, second):
+        A1, b1, n1 = first
+        A2, b2, n2 = second
+        return A2 @ A1, jnp.einsum("...ij,...j->...i", A2, b1) + b2, n1 + n2
+
+    elems = (
+        0.6 * jr.normal(getkey(), (T, 3, 3)),
+        jr.normal(getkey(), (T, 3)),
+        jnp.arange(T, dtype=jnp.float64),
+    )
+    want = jax.lax.associative_scan(combine, elems, reverse=reverse)
+    got = jax.jit(ft.partial(fold_in_chunks, combine, reverse=reverse))(elems)
+    got_loop = jax.jit(
+        lambda e: linear.LoopScan().associative_scan(combine, e, reverse=reverse, costly=True)
+    )(elems)
+    for w, g, h in zip(want, got, got_loop):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(h, w, rtol=1e-10, atol=1e-10)

@@ -9,6 +9,7 @@ again under another.
 
 import abc
 import contextlib
+import math
 import threading
 from collections.abc import Callable, Iterator
 
@@ -16,6 +17,7 @@ import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 from jaxtyping import Array, Float, PyTree
 
 from ._transitions import (
@@ -40,10 +42,14 @@ class AbstractScanImpl(eqx.Module):
     ) -> Float[Array, "T D"]:
         """Solve `s_t = A_t s_{t-1} + b_t` (`s_{t+1}` when `reverse`) from a zero state."""
 
-    def associative_scan(self, fn: Callable, elems: PyTree[Array], *, reverse: bool = False):
+    def associative_scan(
+        self, fn: Callable, elems: PyTree[Array], *, reverse: bool = False, costly: bool = False
+    ):
         """Any other associative scan over time (e.g. the Kalman filter's), laid out as
         this implementation lays out time. Same contract as `jax.lax.associative_scan`;
-        by default, that function."""
+        by default, that function. `costly` says that one combine costs far more than
+        a pass over one element (matrix products, inverses): an implementation that
+        runs one step after the other may then fold it sequentially."""
         return lax.associative_scan(fn, elems, reverse=reverse)
 
 
@@ -86,6 +92,64 @@ class LoopScan(AbstractScanImpl):
 
         init = jnp.zeros_like(b[0])
         return lax.scan(step, init, (transition.elements(), b), reverse=reverse)[1]
+
+    def associative_scan(self, fn, elems, *, reverse=False, costly=False):
+        """A `costly` combine runs in chunks (`fold_in_chunks`): `fn` traced three times
+        instead of at every level of a tree (most of the compile time of a dense Kalman
+        filter) and about `2 sqrt(T)` sequential steps of vectorised combines. Cheap
+        (elementwise) combines keep the tree, whose `O(log T)` passes beat loop steps."""
+        if not costly:
+            return lax.associative_scan(fn, elems, reverse=reverse)
+        return fold_in_chunks(fn, elems, reverse=reverse)
+
+
+def fold_in_chunks(fn: Callable, elems: PyTree[Array], *, reverse: bool = False):
+    """The result of `jax.lax.associative_scan(fn, elems, reverse=reverse)` for any
+    associative `fn`, computed by chunks of about `sqrt(T)` steps: a sequential fold
+    within every chunk (vectorised over the chunks), a sequential fold of the chunks'
+    totals, and one vectorised combine of each chunk with the total of all chunks
+    before it. About `2 T` combines, like the tree."""
+    if reverse:
+        flip = lambda tree: jtu.tree_map(lambda x: jnp.flip(x, axis=0), tree)  # noqa: E731
+        return flip(fold_in_chunks(lambda a, b: fn(a, b), flip(elems)))
+    T = jtu.tree_leaves(elems)[0].shape[0]
+    L = max(1, math.isqrt(T - 1) + 1) if T > 1 else 1
+    C = -(-T // L)
+    # Padding after the last step (copies of it, so that it stays finite) only ever
+    # reaches outputs that are dropped.
+    pad = C * L - T
+    chunks = jtu.tree_map(
+        lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge").reshape(
+            (C, L) + x.shape[1:]
+        ),
+        elems,
+    )
+
+    def fold(stack):
+        # Along the leading axis of `stack`, `fn` batched over the next one.
+        first = jtu.tree_map(lambda x: x[0], stack)
+
+        def step(prefix, e):
+            out = fn(prefix, e)
+            return out, out
+
+        _, outs = lax.scan(step, first, jtu.tree_map(lambda x: x[1:], stack))
+        return jtu.tree_map(lambda f, o: jnp.concatenate([f[None], o]), first, outs)
+
+    local = fold(jtu.tree_map(lambda x: jnp.swapaxes(x, 0, 1), chunks))  # [l, c]
+    local = jtu.tree_map(lambda x: jnp.swapaxes(x, 0, 1), local)  # [c, l]
+    if C > 1:
+        totals = jtu.tree_map(lambda x: x[:-1, -1][:, None], local)  # chunks 0..C-2
+        before = jtu.tree_map(lambda x: x[:, 0], fold(totals))  # [c - 1]
+        rest = jtu.tree_map(lambda x: x[1:].reshape(((C - 1) * L,) + x.shape[2:]), local)
+        incoming = jtu.tree_map(lambda x: jnp.repeat(x, L, axis=0), before)
+        fixed = fn(incoming, rest)
+        local = jtu.tree_map(
+            lambda x, f: jnp.concatenate([x[:1], f.reshape((C - 1, L) + x.shape[2:])]),
+            local,
+            fixed,
+        )
+    return jtu.tree_map(lambda x: x.reshape((C * L,) + x.shape[2:])[:T], local)
 
 
 class ChunkedScan(AbstractScanImpl):
@@ -277,10 +341,13 @@ def default_scan_impl() -> AbstractScanImpl:
     return LoopScan() if jax.default_backend() == "cpu" else AssociativeScan()
 
 
-def associative_scan(fn: Callable, elems: PyTree[Array], *, reverse: bool = False):
+def associative_scan(
+    fn: Callable, elems: PyTree[Array], *, reverse: bool = False, costly: bool = False
+):
     """`jax.lax.associative_scan`, run by the current scan implementation (so that it is
-    sharded over time under `parassm.Sharded`)."""
-    return default_scan_impl().associative_scan(fn, elems, reverse=reverse)
+    sharded over time under `parassm.Sharded`, and folded sequentially by
+    `LoopScan` when `costly`; see `AbstractScanImpl.associative_scan`)."""
+    return default_scan_impl().associative_scan(fn, elems, reverse=reverse, costly=costly)
 
 
 @contextlib.contextmanager
