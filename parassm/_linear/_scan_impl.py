@@ -111,9 +111,11 @@ def fold_in_chunks(fn: Callable, elems: PyTree[Array], *, reverse: bool = False)
     before it. About `2 T` combines, like the tree."""
     if reverse:
         flip = lambda tree: jtu.tree_map(lambda x: jnp.flip(x, axis=0), tree)  # noqa: E731
-        return flip(fold_in_chunks(lambda a, b: fn(a, b), flip(elems)))
+        return flip(fold_in_chunks(fn, flip(elems)))
     T = jtu.tree_leaves(elems)[0].shape[0]
-    L = max(1, math.isqrt(T - 1) + 1) if T > 1 else 1
+    if T <= 1:
+        return elems
+    L = math.isqrt(T - 1) + 1  # ceil(sqrt(T))
     C = -(-T // L)
     # Padding after the last step (copies of it, so that it stays finite) only ever
     # reaches outputs that are dropped.

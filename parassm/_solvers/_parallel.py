@@ -122,9 +122,11 @@ def measure(
     rtol: float,
     atol: float,
     scale: Float[Array, ""] | float = 0.0,
-) -> tuple[Float[Array, " T"], Int[Array, ""], Float[Array, " T"]]:
-    """The loop's convergence test: `(err, p, tol)`, the scaled residual of every step,
-    the first step with `err > 1` (`T` if none), and every step's tolerance.
+) -> tuple[Float[Array, " T"], Int[Array, ""], Float[Array, " T"], Float[Array, " T"]]:
+    """The loop's convergence test: `(err, p, tol, sizes)`, the scaled residual of every
+    step, the first step with `err > 1` (`T` if none), every step's tolerance, and a
+    bound on the size of every step, `|f_t|_inf + |r_t|_inf >= max(|s_t|_inf,
+    |f_t|_inf)` (for the safeguards; from the same reductions).
 
     Step `t` is converged when
 
@@ -155,7 +157,7 @@ def measure(
     tol = atol + rtol * jnp.maximum(jnp.maximum(f_norm, nu), scale)
     err = jnp.where(r_norm == 0, zero, r_norm / tol)
     err = jnp.where(jnp.isnan(err), jnp.inf, err)
-    return err, first_true(~(err <= 1)), tol
+    return err, first_true(~(err <= 1)), tol, f_norm + r_norm
 
 
 # Scaled residuals above `MERIT_CAP / rtol` count as that much in the merit: a blown-up
@@ -184,6 +186,7 @@ def merit(err: Float[Array, " T"], rtol: float) -> Float[Array, ""]:
 def safeguarded(
     S: Float[Array, "T D"],
     fs: Float[Array, "T D"],
+    sizes: Float[Array, " T"],
     trial: Float[Array, "T D"],
     p: Array,
     blown: Array,
@@ -193,8 +196,9 @@ def safeguarded(
     repeats the last step before it. A step is blown up if the residual of `S` there
     is (`blown`, the first step whose scaled residual reaches the merit's cap; `T` if
     none), or if the trial there is not finite or larger than `1 / sqrt(eps)` times
-    every step of `S` and `f(S)` before `blown`. Steps that are still not finite keep
-    their previous values.
+    every step of `S` and `f(S)` before `blown` (`sizes`: from `measure`, at most twice
+    that). Entries still not finite afterwards (only at `p`, where `f` itself is not)
+    keep their previous values.
 
     Why: a correction `s_t + Delta_t` at a huge `s_t` cancels catastrophically (in
     float64 the first Newton step from a poor guess can reach 1e66 and stay finite),
@@ -210,20 +214,25 @@ def safeguarded(
     trial = jnp.where(times < p, S, jnp.where(times == p, fs, trial))
     # A trial step far larger than the sane part of the iterate is blown up too (its
     # correction would lose the trajectory's leading digits at the next iteration).
-    sane = times < blown
-    size = jnp.max(jnp.where(sane, jnp.maximum(jnp.abs(S), jnp.abs(fs)), 0))
+    # From the sizes of the steps (a pass over `T` numbers, not `T D`); NaN compares
+    # False, so a non-finite trial step counts as huge.
+    size = jnp.max(jnp.where(times[:, 0] < blown, sizes, 0))
     bound = size / jnp.sqrt(jnp.finfo(S.dtype).eps)
     huge = first_true(~(jnp.max(jnp.abs(trial), axis=1) <= bound))
     blown = jnp.minimum(blown, huge)
-    # The row by a masked reduction, not an index (with time split over devices, one
-    # all-reduce rather than a gather).
-    last = jnp.maximum(blown - 1, p)
-    last_sane = jnp.sum(jnp.where(times == last, trial, 0), axis=0)
-    trial = jnp.where(times > last, last_sane, trial)
-    # The first non-finite step by a reduction, not a cumulative sum (which XLA gathers
-    # whole when time is split over devices).
-    first_bad = first_true(~jnp.all(jnp.isfinite(trial), axis=1))
-    return jnp.where(times >= first_bad, S, trial)
+
+    def restart(trial):
+        # The row by a masked reduction, not an index (with time split over devices,
+        # one all-reduce rather than a gather).
+        last = jnp.maximum(blown - 1, p)
+        last_sane = jnp.sum(jnp.where(times == last, trial, 0), axis=0)
+        trial = jnp.where(times > last, last_sane, trial)
+        # Every step up to `last` is finite but `p` (`f` there): entrywise.
+        return jnp.where(jnp.isfinite(trial), trial, S)
+
+    # Nothing blown up (the common case): every step is finite and nothing changes,
+    # so the passes of the restart are skipped.
+    return lax.cond(blown < S.shape[0], restart, lambda trial: trial, trial)
 
 
 class Trial(eqx.Module):
@@ -249,6 +258,8 @@ class LoopState(eqx.Module):
     fs: Float[Array, "T D"]
     err: Float[Array, " T"]
     tol: Float[Array, " T"]
+    # Bounds on the sizes of the steps (from `measure`), for the next trial's safeguards.
+    sizes: Float[Array, " T"]
     front: Int[Array, ""]
     num_steps: Int[Array, ""]
     num_trials: Int[Array, ""]
@@ -481,8 +492,8 @@ def newton_loop(
             fs, transition = problem.evaluate(S), None
         else:
             fs, transition = solver.linearise(problem, problem.previous(S), iteration)
-        err, front, tol = measure(S, fs, rtol, atol, scale)
-        return fs, transition, err, front, tol
+        err, front, tol, sizes = measure(S, fs, rtol, atol, scale)
+        return fs, transition, err, front, tol, sizes
 
     def maps(S, iteration):
         # The values `linearise` also returns are known already: unused, and where they
@@ -502,6 +513,7 @@ def newton_loop(
         fs=S0,
         err=jnp.full(T, inf),
         tol=jnp.ones(T, dtype),
+        sizes=jnp.zeros(T, dtype),
         front=jnp.array(0),
         num_steps=jnp.array(-1),
         num_trials=jnp.array(-1),
@@ -521,7 +533,9 @@ def newton_loop(
     def body(carry):
         state, record = carry
         trial = state.trial
-        trial_fs, A, trial_err, trial_front, trial_tol = evaluate(trial, state.num_trials + 1)
+        trial_fs, A, trial_err, trial_front, trial_tol, trial_sizes = evaluate(
+            trial, state.num_trials + 1
+        )
         first = state.num_steps < 0
         # The merits of the accepted iterate and of the trial, for the search and the
         # reuse of maps (unused ones are dropped by the compiler).
@@ -574,6 +588,7 @@ def newton_loop(
 
         tol = keep(trial_tol, state.tol)
         err = keep(trial_err, state.err)
+        sizes = keep(trial_sizes, state.sizes)
         # The first step whose residual is blown up (counted at the merit's cap).
         blown = first_true(~(err < merit_cap(dtype, rtol)))
 
@@ -581,7 +596,9 @@ def newton_loop(
             # The trial for the current step size from the maps at `S`, and the merit
             # the descent's linear model predicts for it.
             descent_state = descent.prepare(transition, S - fs, front)
-            trial = safeguarded(S, fs, descent.step(descent_state, step_size, S, fs), front, blown)
+            trial = safeguarded(
+                S, fs, sizes, descent.step(descent_state, step_size, S, fs), front, blown
+            )
             if not search.uses_model:
                 return trial, inf
             model = descent.model_residual(descent_state, S - fs, trial - S)
@@ -597,7 +614,7 @@ def newton_loop(
             # carrying them, which for dense Jacobians costs copies of `T D^2` numbers
             # at every iteration).
             def jacobi():
-                return safeguarded(S, fs, fs, front, blown), inf, state.reuse, jnp.array(0)
+                return safeguarded(S, fs, sizes, fs, front, blown), inf, state.reuse, jnp.array(0)
 
             def again():
                 return from_maps(maps(S, iteration)) + (state.reuse, jnp.array(1))
@@ -619,6 +636,7 @@ def newton_loop(
             fs=fs,
             err=err,
             tol=tol,
+            sizes=sizes,
             front=front,
             num_steps=num_steps,
             num_trials=state.num_trials + 1,

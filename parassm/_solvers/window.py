@@ -108,12 +108,13 @@ class SlidingWindow(AbstractSolver):
         S, _, num_steps, num_trials, num_maps, search, _ = lax.while_loop(cond, body, carry)
         # The whole trajectory measured once more: the result and the statistics.
         fs = Problem(flat.fn, flat.unravel, xs, flat.s0, T).evaluate(S)
-        err, front, tol = measure(S, fs, *solver.tolerances(S.dtype))
+        err, front, tol, sizes = measure(S, fs, *solver.tolerances(S.dtype))
         final = LoopState(
             S=S,
             fs=fs,
             err=err,
             tol=tol,
+            sizes=sizes,
             front=front,
             num_steps=num_steps,
             num_trials=num_trials,
