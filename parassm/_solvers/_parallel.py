@@ -46,8 +46,10 @@ point whatever the step is:
   prefix, which otherwise overflow on chaotic systems.
 - Non-finite entries of `A_t` are treated as zero (only the preconditioner changes; the
   residual test is untouched).
-- If the trial is non-finite from some step on (overflow in the scan), those steps keep
-  their previous, finite values. The step at `p` is always finite, so progress continues.
+- A blown-up tail restarts (`safeguarded`): from the first step where the accepted
+  iterate's residual reaches the merit's cap, or where the trial is non-finite
+  (overflow in the scan) or larger than `1 / sqrt(eps)` times the sane steps, the trial
+  repeats its last sane step. The step at `p` is `f` there, so progress continues.
 - A search that keeps rejecting trials is made to accept one after `max_trials` (every
   trial converges step `p`, so the bound holds).
 - If `f` itself returns NaN/Inf from the converged (finite) prefix, the trajectory is
