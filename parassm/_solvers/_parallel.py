@@ -216,11 +216,12 @@ def safeguarded(
     trial = jnp.where(times < p, S, jnp.where(times == p, fs, trial))
     # A trial step far larger than the sane part of the iterate is blown up too (its
     # correction would lose the trajectory's leading digits at the next iteration).
-    # From the sizes of the steps (a pass over `T` numbers, not `T D`); NaN compares
-    # False, so a non-finite trial step counts as huge.
+    # From the sizes of the steps (a pass over `T` numbers, not `T D`). A non-finite
+    # trial step counts as huge, whatever the bound.
     size = jnp.max(jnp.where(times[:, 0] < blown, sizes, 0))
     bound = size / jnp.sqrt(jnp.finfo(S.dtype).eps)
-    huge = first_true(~(jnp.max(jnp.abs(trial), axis=1) <= bound))
+    row = jnp.max(jnp.abs(trial), axis=1)
+    huge = first_true(~((row <= bound) & jnp.isfinite(row)))
     blown = jnp.minimum(blown, huge)
 
     def restart(trial):
