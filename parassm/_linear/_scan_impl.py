@@ -49,7 +49,8 @@ class AbstractScanImpl(eqx.Module):
         this implementation lays out time. Same contract as `jax.lax.associative_scan`;
         by default, that function. `costly` says that one combine costs far more than
         a pass over one element (matrix products, inverses): an implementation that
-        runs one step after the other may then fold it sequentially."""
+        runs one step after the other may then fold it in sequential chunks
+        (`fold_in_chunks`) rather than by the tree."""
         return lax.associative_scan(fn, elems, reverse=reverse)
 
 
@@ -347,8 +348,8 @@ def associative_scan(
     fn: Callable, elems: PyTree[Array], *, reverse: bool = False, costly: bool = False
 ):
     """`jax.lax.associative_scan`, run by the current scan implementation (so that it is
-    sharded over time under `parassm.Sharded`, and folded sequentially by
-    `LoopScan` when `costly`; see `AbstractScanImpl.associative_scan`)."""
+    sharded over time under `parassm.Sharded`, and folded in chunks by `LoopScan`
+    when `costly`; see `AbstractScanImpl.associative_scan`)."""
     return default_scan_impl().associative_scan(fn, elems, reverse=reverse, costly=costly)
 
 
