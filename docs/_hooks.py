@@ -307,8 +307,9 @@ def _peers_table(rows: list[dict]) -> str:
 def _convergence_table(rows: list[dict]) -> str:
     r0 = rows[0]
     solvers = list(dict.fromkeys(r["solver"] for r in rows))
+    shas = ", ".join(f"`{sha}`" for sha in dict.fromkeys(r["git_sha"] for r in rows))
     out = [
-        f"Measured with git `{r0['git_sha']}` on {r0['backend']}. Newton steps to "
+        f"Measured with git {shas} on {r0['backend']}. Newton steps to "
         "`successful` (**bold**: over 50; `!`: not successful within `max_steps`, "
         "which is T at T = 1000 and 300 above). LLE: sequential estimate.",
         "",

@@ -28,10 +28,13 @@ class ELK(AbstractLevenbergMarquardtSolver):
     Each iteration minimises $|r + J_r \Delta|^2 + \lambda |\Delta|^2$ over the
     correction $\Delta$ ($J_r$: the block-bidiagonal residual Jacobian). As
     $\lambda \to 0$ this is [`parassm.DEER`][]; as $\lambda \to \infty$, a short step
-    down the gradient of the merit. The damping keeps the iterates bounded on
-    unpredictable or strongly nonlinear systems where DEER's full steps overshoot or
-    overflow; on easy systems the adaptive damping shrinks quickly and ELK behaves like
-    DEER.
+    down the gradient of the merit. With the default search
+    ([`parassm.TrustRegion`][]) ELK starts at the floor of $\lambda$ (the Newton step)
+    and falls back to the Jacobi step when the Newton step fails its test, as DEER does:
+    on every system of the convergence benchmark that was at least as fast as a damped
+    retry. Damping is used when asked for: `TrustRegion(initial_damping=...)`,
+    `TrustRegion(max_trials=3)` (a damped retry before the Jacobi step), or
+    [`parassm.FixedDamping`][].
 
     Cost per iteration: as [`parassm.DEER`][] (`D` JVPs per step, `O(T D^3)` work,
     `O(T D^2)` memory), with a Kalman smoother (two associative scans, one `D x D`
@@ -83,7 +86,8 @@ class QuasiELK(AbstractLevenbergMarquardtSolver):
     r"""Quasi-ELK: Levenberg-Marquardt steps with the diagonal of the Jacobian, solved
     by an elementwise parallel Kalman smoother (`O(T D)` memory and work).
 
-    The scalable damped method: [`parassm.QuasiDEER`][] as $\lambda \to 0$.
+    The scalable damped method: [`parassm.QuasiDEER`][] as $\lambda \to 0$. With the
+    default search it damps only when asked to, as [`parassm.ELK`][].
 
     **Arguments:**
 
