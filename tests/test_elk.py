@@ -140,6 +140,42 @@ def test_trust_region_starts_undamped():
         assert int(sol.stats["num_steps"]) <= int(ref.stats["num_steps"])
 
 
+class _Forced(parassm.TrustRegion):
+    # The default trust region, made to compute the model's prediction and to keep the
+    # smoother in the program, as before both were left out for it.
+    @property
+    def uses_model(self):
+        return True
+
+    @property
+    def may_damp(self):
+        return True
+
+
+def test_trust_region_defaults_leave_out_the_model_and_the_smoother():
+    default = parassm.TrustRegion()
+    assert not default.uses_model and not default.may_damp
+    assert parassm.TrustRegion(good_ratio=0.5).uses_model
+    assert parassm.TrustRegion(max_trials=3).may_damp
+    assert parassm.TrustRegion(initial_damping=1e-3).may_damp
+    assert parassm.TrustRegion(accept_ratio=0.1, bad_ratio=0.2, good_ratio=0.5).may_damp
+    assert parassm.FixedDamping(1e-2).may_damp and parassm.Backtracking().may_damp
+    # Leaving them out changes no decision: the same iterations, trials and trajectory,
+    # on a problem with many rejected Newton steps (the logistic map's 2-cycle from
+    # s0 = 0.1: 17 iterations, 28 trials).
+    system = parassm.systems.Logistic(r=3.2, x0=0.1, dtype=jnp.float64)
+    T = 200
+    for solver in (parassm.ELK, parassm.QuasiELK):
+        sols = [
+            parassm.evaluate(system.f, system.s0, T, solver=solver(search=search))
+            for search in (default, _Forced())
+        ]
+        assert int(sols[0].stats["num_trials"]) > int(sols[0].stats["num_steps"]) + 5
+        for key in ("num_steps", "num_trials", "num_linearisations"):
+            assert int(sols[0].stats[key]) == int(sols[1].stats[key])
+        assert tree_max_abs_diff(sols[0].value, sols[1].value) < 1e-12
+
+
 def _trial(
     merit, trial_merit, predicted, front, trial_front, worst=1.0, trial_worst=1.0, rejections=0
 ):

@@ -80,12 +80,19 @@ class Cell(eqx.Module):
 
 
 def _cases():
-    solvers = [parassm.DEER(), parassm.QuasiDEER(), parassm.ELK()]
+    # `ELK()` never damps by default: the fixed damping runs the sharded smoother.
+    solvers = [
+        parassm.DEER(),
+        parassm.QuasiDEER(),
+        parassm.ELK(),
+        parassm.ELK(parassm.FixedDamping(0.1)),
+    ]
     # All slow: once, late in a full-suite run, XLA segfaulted compiling one of these
     # (they pass on their own); until that is understood they stay out of the default run.
     for n in (4, 8):
         for solver in solvers:
-            yield pytest.param(n, solver, marks=pytest.mark.slow, id=f"{n}-{type(solver).__name__}")
+            name = type(solver).__name__ + type(getattr(solver, "search", None)).__name__
+            yield pytest.param(n, solver, marks=pytest.mark.slow, id=f"{n}-{name}")
 
 
 @pytest.mark.parametrize("n, solver", list(_cases()))
@@ -138,11 +145,13 @@ def _collectives(solver, T, n=4, D=3):
         # two runs per iteration.
         (parassm.QuasiDEER(), 2),
         (parassm.DEER(), 2),
-        # ELK's trust region: the undamped (Newton) scan at the damping floor and
-        # the Kalman smoother's filter and smoother scans otherwise.
-        (parassm.ELK(), 6),
+        # ELK's default trust region never damps: the Newton scan alone.
+        (parassm.ELK(), 2),
+        # One that may: the undamped (Newton) scan at the damping floor and the Kalman
+        # smoother's filter and smoother scans otherwise.
+        (parassm.ELK(search=parassm.TrustRegion(max_trials=3)), 6),
     ],
-    ids=["QuasiDEER", "DEER", "ELK"],
+    ids=["QuasiDEER", "DEER", "ELK", "ELK-damped"],
 )
 def test_collectives_per_newton_step_do_not_grow_with_T(solver, scans):
     n, D = 4, 3

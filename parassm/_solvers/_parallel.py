@@ -757,4 +757,4 @@ class AbstractLevenbergMarquardtSolver(AbstractParallelSolver):
 
     @property
     def descent(self) -> AbstractDescent:
-        return LevenbergMarquardtDescent()
+        return LevenbergMarquardtDescent(damped=self.search.may_damp)

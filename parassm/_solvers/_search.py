@@ -20,16 +20,33 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, PyTree
+
+
+def _concrete(*values) -> bool:
+    """Whether every value is a Python or NumPy number (not a traced array)."""
+    return all(isinstance(v, int | float | np.number) for v in values)
 
 
 class AbstractSearch(eqx.Module):
     """How the step size of each trial is chosen, and which trials are accepted."""
 
     may_reject: ClassVar[bool]
-    # Whether `update` calls `trial.predicted_merit()` (the loop then computes it).
-    uses_model: ClassVar[bool] = False
     max_trials: eqx.AbstractVar[int]
+
+    @property
+    def uses_model(self) -> bool:
+        """Whether `update` calls `trial.predicted_merit()` (the loop then computes it)."""
+        return False
+
+    @property
+    def may_damp(self) -> bool:
+        """Whether a trial may have a finite, non-zero step size. For a
+        Levenberg-Marquardt descent that is a damped step, which needs the Kalman
+        smoother: a search that provably takes only the undamped step (step size `inf`)
+        and the Jacobi step (zero) lets the solver leave the smoother out."""
+        return True
 
     @abc.abstractmethod
     def init(self, dtype) -> tuple[Float[Array, ""], PyTree[Array]]:
@@ -220,7 +237,6 @@ class TrustRegion(AbstractSearch):
     max_damping: float = 1e12
     max_trials: int = eqx.field(default=2, static=True)
     may_reject: ClassVar[bool] = True
-    uses_model: ClassVar[bool] = True
 
     def __check_init__(self):
         if not 0 < self.min_damping <= self._initial <= self.max_damping:
@@ -242,6 +258,29 @@ class TrustRegion(AbstractSearch):
                 f"`max_trials` must be at least 2 (the last trial is the Jacobi step), got "
                 f"{self.max_trials}."
             )
+
+    @property
+    def uses_model(self) -> bool:
+        # With the three thresholds at zero every decision of `update` depends only on
+        # the sign of the actual decrease (the gain ratio has that sign whatever the
+        # prediction), so the model's pass over the maps is not needed.
+        thresholds = (self.accept_ratio, self.bad_ratio, self.good_ratio)
+        return not (_concrete(*thresholds) and all(x == 0 for x in thresholds))
+
+    @property
+    def may_damp(self) -> bool:
+        # Starting at the floor with two trials, a rejected first trial is followed by
+        # the Jacobi step, which resets lambda to the floor; an accepted one with
+        # `accept_ratio == bad_ratio` never grows it (a decrease means a ratio above
+        # `bad_ratio`; a step taken for extending the front keeps lambda). So lambda
+        # stays at the floor: every trial is the Newton step or the Jacobi step.
+        values = (self._initial, self.min_damping, self.accept_ratio, self.bad_ratio)
+        return not (
+            _concrete(*values)
+            and self._initial <= self.min_damping
+            and self.max_trials == 2
+            and self.accept_ratio == self.bad_ratio
+        )
 
     def _step_size(self, damping):
         # At the floor the step is undamped: the Newton correction itself (step size

@@ -1,4 +1,11 @@
-"""A zoo of reference recurrences, used by the tests, benchmarks, docs and CLI."""
+"""A zoo of reference recurrences, used by the tests, benchmarks, docs and CLI.
+
+Random weights, initial states and inputs are drawn in the system's own dtype, so a
+float32 and a float64 instance are different draws, not one system at two precisions:
+`MeanFieldRNN(size=8, g=2.0)` has a largest Lyapunov exponent of about -0.59 per step
+in float32 (a stable fixed point; DEER converges in 7 iterations at T = 1000) and about
+-0.007 in float64 (marginal; every parallel solver crawls).
+"""
 
 from ._base import AbstractSystem as AbstractSystem
 from ._flows import Lorenz63 as Lorenz63, TwoWellLangevin as TwoWellLangevin
