@@ -239,3 +239,22 @@ def test_a_loop_scan_machine_costs_the_solve_as_sequential_steps():
     assert t_loop >= loop.sequential_time(length, 2 * D**2)
     assert iteration_time(parassm.DEER(), D, flops, length, GPU_LIKE) < t_loop / 10
     assert not GPU_LIKE.loop_scan
+
+
+def test_work_of_elk_follows_its_search():
+    # The default trust region never damps, so (quasi-)ELK costs (quasi-)DEER's
+    # iteration plus the values evaluated apart; one that may damp costs a smoother.
+    from parassm.diagnostics._predict import work
+
+    D = 8
+    deer, qdeer = work(parassm.DEER(), D), work(parassm.QuasiDEER(), D)
+    elk, qelk = work(parassm.ELK(), D), work(parassm.QuasiELK(), D)
+    assert (elk.scan_flops, elk.loop_flops) == (deer.scan_flops, deer.loop_flops)
+    assert elk.evaluations == deer.evaluations + 1
+    assert (qelk.scan_flops, qelk.loop_flops) == (qdeer.scan_flops, qdeer.loop_flops)
+    assert qelk.evaluations == qdeer.evaluations + 1
+    damped = parassm.TrustRegion(max_trials=3)
+    for solver, undamped in ((parassm.ELK, elk), (parassm.QuasiELK, qelk)):
+        cost = work(solver(search=damped), D)
+        assert cost.scan_flops > undamped.scan_flops
+        assert cost.evaluations > undamped.evaluations

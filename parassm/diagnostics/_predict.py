@@ -123,14 +123,20 @@ def work(solver: AbstractParallelSolver, size: int) -> Work:
     """The cost of one iteration of `solver` at state size `size` (see `Work`)."""
     rtol, atol = solver.rtol, solver.atol
     dense = (4.0 * size**3, 2.0 * size**2)  # matrix products / matrix-vector products
+    # (Quasi-)ELK with a search that never damps (the default) runs (quasi-)DEER's
+    # iteration, with the values evaluated apart from the maps; one that may damp is
+    # costed with a Kalman smoother's flops and twice the evaluations.
     if isinstance(solver, ELK):
         trial = DEER(jacobian=solver.jacobian, rtol=rtol, atol=atol)
+        if not solver.search.may_damp:
+            return Work(trial, 2.0 + size, *dense)
         return Work(trial, 2.0 * (1 + size), 12.0 * size**3, dense[1])
     if isinstance(solver, QuasiELK):
         trial = QuasiDEER(diagonal=solver.diagonal, rtol=rtol, atol=atol)
-        return Work(
-            trial, 2.0 * _diagonal_evaluations(solver.diagonal, size), 24.0 * size, 2.0 * size
-        )
+        evaluations = _diagonal_evaluations(solver.diagonal, size)
+        if not solver.search.may_damp:
+            return Work(trial, 1.0 + evaluations, 8.0 * size, 2.0 * size)
+        return Work(trial, 2.0 * evaluations, 24.0 * size, 2.0 * size)
     if isinstance(solver, DEER):
         evaluations = 2.0 if isinstance(solver.jacobian, FunctionJacobian) else 1.0 + size
         return Work(solver, evaluations, *dense)
