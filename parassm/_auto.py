@@ -20,12 +20,11 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from ._problem import check_state, time_length
+from ._problem import check_state, is_concrete, time_length
 from ._solvers._base import AbstractSolver, check_tolerances
 from ._solvers._parallel import AbstractParallelSolver
 from ._solvers.deer import DEER
@@ -105,10 +104,6 @@ def signature(f: Callable, s0: PyTree, xs: PyTree | None, length: int) -> tuple:
             except TypeError:
                 items.append(("id", id(leaf)))
     return treedef, tuple(items), length_bucket(length)
-
-
-def _concrete(tree) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(tree))
 
 
 class Auto(AbstractSolver):
@@ -221,7 +216,7 @@ class Auto(AbstractSolver):
         values are concrete and it is not cached; None otherwise."""
         key = self._key(f, s0, xs, length)
         decision = _recall(_DECISIONS, key)
-        if decision is None and _concrete((f, s0, xs)):
+        if decision is None and is_concrete((f, s0, xs)):
             start = time.perf_counter()
             settings = default_settings(
                 self.configured(), self.proxy_length, lle_steps=256, conditioning=False
@@ -269,7 +264,7 @@ class Auto(AbstractSolver):
         return Sequential() if index == 0 else self.configured()[index - 1]
 
     def prepare(self, f, s0, xs, length):
-        if _concrete((f, s0, xs)) and not self._static_sequential(f, s0, xs, length):
+        if is_concrete((f, s0, xs)) and not self._static_sequential(f, s0, xs, length):
             self.diagnosis(f, s0, xs, length)
 
     def select(self, f, s0, xs, length):

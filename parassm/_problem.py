@@ -14,6 +14,11 @@ def _leaf_name(root: str, path) -> str:
     return root + jtu.keystr(path)
 
 
+def is_concrete(tree: PyTree) -> bool:
+    """Whether no leaf of `tree` is traced (its values can be read on the host)."""
+    return not any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(tree))
+
+
 def time_length(xs: PyTree | None, T: int | None) -> int:
     """The number of steps, from `T` and/or the leading axis of `xs`, checked."""
     if T is not None and not isinstance(T, int | jnp.integer):

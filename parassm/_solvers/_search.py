@@ -20,13 +20,9 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float, PyTree
 
-
-def _concrete(*values) -> bool:
-    """Whether every value is a Python or NumPy number (not a traced array)."""
-    return all(isinstance(v, int | float | np.number) for v in values)
+from .._problem import is_concrete
 
 
 class AbstractSearch(eqx.Module):
@@ -265,7 +261,7 @@ class TrustRegion(AbstractSearch):
         # the sign of the actual decrease (the gain ratio has that sign whatever the
         # prediction), so the model's pass over the maps is not needed.
         thresholds = (self.accept_ratio, self.bad_ratio, self.good_ratio)
-        return not (_concrete(*thresholds) and all(x == 0 for x in thresholds))
+        return not (is_concrete(thresholds) and all(x == 0 for x in thresholds))
 
     @property
     def may_damp(self) -> bool:
@@ -276,7 +272,7 @@ class TrustRegion(AbstractSearch):
         # stays at the floor: every trial is the Newton step or the Jacobi step.
         values = (self._initial, self.min_damping, self.accept_ratio, self.bad_ratio)
         return not (
-            _concrete(*values)
+            is_concrete(values)
             and self._initial <= self.min_damping
             and self.max_trials == 2
             and self.accept_ratio == self.bad_ratio
