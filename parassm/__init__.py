@@ -41,6 +41,7 @@ from ._solvers.quasi_deer import (
     QuasiDEER as QuasiDEER,
 )
 from ._solvers.sequential import Sequential as Sequential
+from ._solvers.shooting import MultipleShooting as MultipleShooting
 from ._solvers.window import SlidingWindow as SlidingWindow
 from .diagnostics import diagnose as diagnose, Diagnosis as Diagnosis
 
