@@ -153,6 +153,7 @@ SOLVERS = {
     "QuasiELK": parassm.QuasiELK(),
     "Jacobi": parassm.Jacobi(),
     "DEER-U": parassm.DEER(search=parassm.Undamped()),
+    "MultipleShooting": parassm.MultipleShooting(),
 }
 
 
