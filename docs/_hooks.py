@@ -41,6 +41,7 @@ PAGES: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
                     "ELK",
                     "QuasiELK",
                     "SlidingWindow",
+                    "MultipleShooting",
                     "Auto",
                     "AbstractSolver",
                     "AbstractParallelSolver",
