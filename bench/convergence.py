@@ -14,6 +14,14 @@ against `lax.scan` in the same process, relative to the size of the trajectory. 
 T > 1000 `max_steps` is capped (`--cap`, default 300): a case that needs more is far
 over the target anyway, and shows as `300!`.
 `DEER-U` is DEER with the undamped search (the product before globalization).
+`MultipleShooting` is DEER on the ends of chunks of ceil(sqrt(T)) steps; its iterations
+are that many sequential steps deep.
+
+With `--repeats N` every row is also timed: `lax.scan` and each solver compiled first,
+then the best of N runs (`run_s`, `scan_s` and their ratio in the JSON rows):
+
+    python -m bench.convergence --profile full --T 10000 --dtypes float64 \
+        --cases pendulum --solvers DEER,ELK,MultipleShooting --repeats 5
 
 The random guess is uniform in the box spanned by the true trajectory (per state
 dimension): a guess of the right size with no information about the dynamics.
@@ -191,6 +199,19 @@ def _rel_err(value, ref):
     return diff / max(size, 1e-300)
 
 
+def _best(run, repeats: int) -> float | None:
+    """The best wall time of `repeats` runs of `run` (already compiled), or None."""
+    if not repeats:
+        return None
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def lle(system, xs, T) -> float:
     T = min(T, 4000)
     xs = None if xs is None else jax.tree.map(lambda x: x[:T], xs)
@@ -219,6 +240,12 @@ def main(argv=None):
     )
     parser.add_argument("--solvers", default=",".join(SOLVERS))
     parser.add_argument("--output", default=None)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=0,
+        help="also time every row: best of this many runs after compiling (0: no timing)",
+    )
     parser.add_argument(
         "--cap",
         type=int,
@@ -263,6 +290,7 @@ def main(argv=None):
                     continue
                 xs = system.inputs(T)
                 ref = _sequential(system, xs, T)
+                scan_s = _best(lambda: _sequential(system, xs, T), args.repeats)
                 exponent = lle(system, xs, T)
                 for guess in prof["guesses"]:
                     if (name, dtype_name, T, guess) in done:
@@ -275,11 +303,17 @@ def main(argv=None):
                         sol = _solve(system, solver, T, xs, init, cap)
                         jax.block_until_ready(sol.value)
                         wall = time.perf_counter() - t0
+                        run_s = _best(
+                            lambda: _solve(system, solver, T, xs, init, cap).value, args.repeats
+                        )
                         ok = bool(sol.result == parassm.RESULTS.successful)
                         steps = int(sol.stats["num_steps"])
                         err = _rel_err(sol.value, ref)
                         errs.append(err if ok else math.nan)
-                        cells.append(f"{steps:>8d}{' ' if ok else '!'}")
+                        cell = f"{steps:>8d}{' ' if ok else '!'}"
+                        if run_s is not None:
+                            cell += f" {run_s * 1e3:.1f} ms ({run_s / scan_s:.0f}x scan)"
+                        cells.append(cell)
                         rows.append(
                             dict(
                                 bench="convergence",
@@ -295,6 +329,11 @@ def main(argv=None):
                                 successful=ok,
                                 rel_err_vs_scan=err,
                                 wall_s_incl_compile=wall,
+                                **(
+                                    dict(run_s=run_s, scan_s=scan_s, ratio_to_scan=run_s / scan_s)
+                                    if args.repeats
+                                    else {}
+                                ),
                                 git_sha=sha,
                                 backend=jax.default_backend(),
                             )
