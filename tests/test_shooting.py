@@ -22,9 +22,7 @@ class TanhCell(eqx.Module):
 
 def _problem(T=40, D=3, contraction=0.8, dtype=jnp.float64, seed=3):
     kw, ku, kx, ks = jr.split(jr.key(seed), 4)
-    cell = TanhCell(
-        random_contraction(kw, D, contraction, dtype), jr.normal(ku, (D, 2), dtype)
-    )
+    cell = TanhCell(random_contraction(kw, D, contraction, dtype), jr.normal(ku, (D, 2), dtype))
     return cell, jr.normal(ks, (D,), dtype), jr.normal(kx, (T, 2), dtype)
 
 
@@ -102,9 +100,7 @@ def test_weakly_damped_pendulum_from_a_poor_guess():
     T, s0 = 2000, jnp.array([2.0, 0.0])
     ref = sequential(pendulum, s0, length=T)
     deer = parassm.evaluate(pendulum, s0, T, solver=parassm.DEER())
-    shooting = parassm.evaluate(
-        pendulum, s0, T, solver=parassm.MultipleShooting(chunk_length=100)
-    )
+    shooting = parassm.evaluate(pendulum, s0, T, solver=parassm.MultipleShooting(chunk_length=100))
     assert shooting.result == parassm.RESULTS.successful
     assert int(shooting.stats["num_steps"]) <= 8
     assert int(deer.stats["num_steps"]) >= 5 * int(shooting.stats["num_steps"])
