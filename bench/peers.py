@@ -15,7 +15,11 @@ separately):
   `parassm.linear.LoopScan`); and DEER / quasi-DEER with the associative scan (the
   algorithm accelerators run, and the peers' and the reference's on every backend);
   and quasi-DEER forming its diagonals at every iterate (`relinearise=0`, as the peers
-  and the reference do; the default keeps them after fast steps);
+  and the reference do; the default keeps them after fast steps); and multiple shooting
+  (`parassm.MultipleShooting`, chunks of ceil(sqrt(T)) steps run by `lax.scan`, all at
+  once, with Jacobi or DEER on the chunk ends: another algorithm, `sqrt(T)` sequential
+  steps deep per iteration where the others are `log T` deep, compared with the
+  fastest peer of either kind);
 - the minimal reference iteration written below -- `jax.vmap(jax.jacfwd(f))` over all
   steps and one `lax.associative_scan` (matmul combine for DEER, elementwise for the
   diagonal) -- run for the same number of iterations as parassm plus one (parassm's
@@ -143,6 +147,8 @@ def parassm_solvers(case: Case) -> dict[str, Any]:
         "QuasiELK": parassm.QuasiELK(),
         "Picard": parassm.Picard(),
         "Jacobi": parassm.Jacobi(),
+        "MultipleShooting (Jacobi)": parassm.MultipleShooting(parassm.Jacobi()),
+        "MultipleShooting (DEER)": parassm.MultipleShooting(),
     }
 
 
@@ -379,11 +385,11 @@ def main(argv: list[str] | None = None) -> int:
                     (
                         min(c.times)
                         for c in contenders
-                        if c.kind == "peer" and _quasi(c.name) == quasi
+                        if c.kind == "peer" and quasi in (None, _quasi(c.name))
                     ),
                     default=None,
                 )
-                for quasi in (False, True)
+                for quasi in (False, True, None)
             }
             print("\n" + header)
             for c in contenders:
@@ -421,9 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _quasi(method: str) -> bool:
+def _quasi(method: str) -> bool | None:
     """Like for like: diagonal (quasi) methods against the fastest diagonal peer, dense
-    ones against the fastest dense peer."""
+    ones against the fastest dense peer; multiple shooting (another algorithm: Newton or
+    Jacobi on the chunk ends, chunks sequential) against the fastest peer of either."""
+    if method.startswith("MultipleShooting"):
+        return None
     return "quasi" in method.lower() or method in ("Jacobi", "Picard")
 
 
