@@ -200,3 +200,39 @@ def test_validation():
         parassm.MultipleShooting(parassm.DEER(parassm.FunctionJacobian(lambda s, x: s)))
     with pytest.raises(TypeError, match="closed-form"):
         parassm.MultipleShooting(parassm.QuasiDEER(parassm.FunctionDiagonal(lambda s, x: s)))
+
+
+def test_in_a_model_with_gradients():
+    # `parassm.nn` leaves the solver as it is (no closed-form Jacobian of one step is
+    # substituted into a solver on chunks), and training gradients match `lax.scan`'s.
+    cell = eqx.nn.LSTMCell(3, 4, key=jr.key(0))
+    xs = jr.normal(jr.key(1), (50, 3))
+    rnn = parassm.nn.ParallelRNN(cell, solver=parassm.MultipleShooting(chunk_length=8))
+    assert rnn.solver == parassm.MultipleShooting(chunk_length=8)
+
+    def scan_rnn(cell, xs):
+        zeros = jnp.zeros(4)
+        return sequential(lambda s, x: cell(x, s), (zeros, zeros), xs)
+
+    def loss(cell, run):
+        h, c = run(cell)
+        return jnp.sum(h**2) + jnp.sum(jnp.cos(c))
+
+    def parallel(cell):
+        return eqx.tree_at(lambda r: r.cell, rnn, cell)(xs)
+
+    grads = eqx.filter_grad(loss)(cell, parallel)
+    expected = eqx.filter_grad(loss)(cell, lambda cell: scan_rnn(cell, xs))
+    assert tree_max_abs_diff(grads, expected) < 1e-9
+
+
+def test_unrolled_adjoint_is_refused():
+    cell, s0, xs = _problem(T=20)
+    with pytest.raises(TypeError, match="ImplicitAdjoint"):
+        parassm.evaluate(
+            cell,
+            s0,
+            xs=xs,
+            solver=parassm.MultipleShooting(chunk_length=4),
+            adjoint=parassm.UnrolledAdjoint(),
+        )
