@@ -62,7 +62,10 @@ class MultipleShooting(AbstractSolver):
     steps of a predictable system, contracts by about $e^{\lambda L}$ ($\lambda$ the
     largest Lyapunov exponent) and is nearly affine where it matters. Measured
     (`bench/convergence.py`, $T = 10^4$, float64): the damped pendulum from the
-    default guess in 4 iterations where DEER takes 257.
+    default guess in 5 iterations where DEER takes 257 (6.2 ms against 570 ms on a
+    2-core CPU). On a strongly contracting cell, `MultipleShooting(Jacobi())` needs
+    one or two iterations and no derivatives (`bench/peers.py`, a GRU, $H = 64$,
+    $T = 10^4$, float32: 27 ms, 1.9x `lax.scan`; quasi-DEER 110 ms).
 
     What it costs: every iteration runs $L$ sequential steps (depth $L$, where DEER's
     depth is $\log T$) and, with DEER, $D$ JVPs through them; the parallelism is $K$
