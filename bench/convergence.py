@@ -162,6 +162,7 @@ SOLVERS = {
     "Jacobi": parassm.Jacobi(),
     "DEER-U": parassm.DEER(search=parassm.Undamped()),
     "MultipleShooting": parassm.MultipleShooting(),
+    "MultipleShooting (Jacobi)": parassm.MultipleShooting(parassm.Jacobi()),
 }
 
 
