@@ -48,6 +48,7 @@ DEMO_CODE = {
     "BlockQuasiDEER(4)": "parassm.BlockQuasiDEER(4)",
     "Picard": "parassm.Picard()",
     "Jacobi": "parassm.Jacobi()",
+    "MultipleShooting(Jacobi)": "parassm.MultipleShooting(parassm.Jacobi())",
 }
 
 
@@ -57,6 +58,7 @@ def _demo_solvers():
         DEER,
         HutchinsonDiagonal,
         Jacobi,
+        MultipleShooting,
         Picard,
         QuasiDEER,
         Sequential,
@@ -70,6 +72,7 @@ def _demo_solvers():
         "BlockQuasiDEER(4)": BlockQuasiDEER(4),
         "Picard": Picard(),
         "Jacobi": Jacobi(),
+        "MultipleShooting(Jacobi)": MultipleShooting(Jacobi()),
     }
 
 
@@ -215,12 +218,12 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def _demo_table(rows: list[dict], ref_compile: float, ref_run: float, repeats: int) -> str:
     head = (
-        f"{'solver':<23}{'steps':>7}  {'result':<8}{'compile s':>10}{'run s':>10}"
+        f"{'solver':<26}{'steps':>7}  {'result':<8}{'compile s':>10}{'run s':>10}"
         f"{'x lax.scan':>12}{'max err':>10}"
     )
     lines = [head, "-" * len(head)]
     lines.append(
-        f"{'lax.scan':<23}{'-':>7}  {'ok':<8}{ref_compile:>10.3f}{ref_run:>10.4f}"
+        f"{'lax.scan':<26}{'-':>7}  {'ok':<8}{ref_compile:>10.3f}{ref_run:>10.4f}"
         f"{1.0:>12.2f}{'0':>10}"
     )
     notes = []
@@ -228,7 +231,7 @@ def _demo_table(rows: list[dict], ref_compile: float, ref_run: float, repeats: i
         mark = "" if r["status"] == "ok" else "+"
         star = "*" if r["note"] else " "
         lines.append(
-            f"{r['solver']:<23}{str(r['steps']) + mark:>7}  {r['status']:<8}"
+            f"{r['solver']:<26}{str(r['steps']) + mark:>7}  {r['status']:<8}"
             f"{_fmt(r['compile_s'], '.3f'):>10}{_fmt(r['run_s'], '.4f'):>10}"
             f"{_fmt(r['ratio'], '.2f'):>12}"
             f"{_fmt(r['max_err'], '.1e'):>10}{star}"
