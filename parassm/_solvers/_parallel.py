@@ -711,6 +711,46 @@ def finish(
     return S, result, stats
 
 
+def finish_measured(
+    solver: AbstractParallelSolver,
+    problem: Problem,
+    S: Float[Array, "T D"],
+    max_steps: int,
+    *,
+    num_steps: Int[Array, ""],
+    num_trials: Int[Array, ""],
+    num_linearisations: Int[Array, ""],
+    step_size: Float[Array, ""],
+    search_state: PyTree,
+) -> tuple[Float[Array, "T D"], RESULTS, dict[str, Array]]:
+    """`finish` for a trajectory `S` of the whole `problem` put together outside one
+    Newton loop (a sliding window, multiple shooting): measured once more (one
+    vectorised evaluation of `f`), so that its result and statistics are those of the
+    whole trajectory. The counts and the search's state are the caller's."""
+    fs = problem.evaluate(S)
+    err, front, tol, sizes = measure(S, fs, *solver.tolerances(S.dtype))
+    zero = jnp.array(0)
+    final = LoopState(
+        S=S,
+        fs=fs,
+        err=err,
+        tol=tol,
+        sizes=sizes,
+        front=front,
+        num_steps=num_steps,
+        num_trials=num_trials,
+        rejections=zero,
+        step_size=step_size,
+        search_state=search_state,
+        predicted=jnp.asarray(jnp.inf, S.dtype),
+        reuse=None,
+        num_linearisations=num_linearisations,
+        trial=S,
+        done=jnp.array(True),
+    )
+    return finish(solver, final, max_steps)
+
+
 def _check_relinearise(solver) -> None:
     value = getattr(solver, "relinearise", None)
     if isinstance(value, int | float) and not value >= 0:

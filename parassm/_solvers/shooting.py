@@ -9,10 +9,8 @@ from .._problem import flatten, unravel_trajectory
 from ._base import AbstractSolver
 from ._parallel import (
     AbstractParallelSolver,
-    finish,
+    finish_measured,
     flat_initial_guess,
-    LoopState,
-    measure,
     newton_loop,
     Problem,
 )
@@ -155,26 +153,16 @@ class MultipleShooting(AbstractSolver):
         # The padded steps of the last chunk repeat its last state: its end is `s_T`.
         S = S[:T].at[T - 1].set(C[-1])
 
-        fs = Problem(flat.fn, flat.unravel, xs, flat.s0, T).evaluate(S)
-        err, front, tol, sizes = measure(S, fs, *solver.tolerances(S.dtype))
-        final = LoopState(
-            S=S,
-            fs=fs,
-            err=err,
-            tol=tol,
-            sizes=sizes,
-            front=front,
+        S, result, stats = finish_measured(
+            solver,
+            Problem(flat.fn, flat.unravel, xs, flat.s0, T),
+            S,
+            max_coarse,
             num_steps=state.num_steps,
             num_trials=state.num_trials,
-            rejections=state.rejections,
+            num_linearisations=state.num_linearisations,
             step_size=state.step_size,
             search_state=state.search_state,
-            predicted=jnp.asarray(jnp.inf, S.dtype),
-            reuse=None,
-            num_linearisations=state.num_linearisations,
-            trial=S,
-            done=jnp.array(True),
         )
-        S, result, stats = finish(solver, final, max_coarse)
         stats["chunk_length"] = jnp.array(L)
         return unravel_trajectory(flat, S), result, stats

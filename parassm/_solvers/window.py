@@ -7,10 +7,8 @@ from .._problem import flatten, unravel_trajectory
 from ._base import AbstractSolver
 from ._parallel import (
     AbstractParallelSolver,
-    finish,
+    finish_measured,
     flat_initial_guess,
-    LoopState,
-    measure,
     newton_loop,
     Problem,
 )
@@ -107,25 +105,15 @@ class SlidingWindow(AbstractSolver):
         carry = (S0, zero, zero, zero, zero, search, jnp.array(False))
         S, _, num_steps, num_trials, num_maps, search, _ = lax.while_loop(cond, body, carry)
         # The whole trajectory measured once more: the result and the statistics.
-        fs = Problem(flat.fn, flat.unravel, xs, flat.s0, T).evaluate(S)
-        err, front, tol, sizes = measure(S, fs, *solver.tolerances(S.dtype))
-        final = LoopState(
-            S=S,
-            fs=fs,
-            err=err,
-            tol=tol,
-            sizes=sizes,
-            front=front,
+        S, result, stats = finish_measured(
+            solver,
+            Problem(flat.fn, flat.unravel, xs, flat.s0, T),
+            S,
+            max_steps,
             num_steps=num_steps,
             num_trials=num_trials,
-            rejections=zero,
+            num_linearisations=num_maps,
             step_size=search[0],
             search_state=search[1],
-            predicted=jnp.asarray(jnp.inf, S.dtype),
-            reuse=None,
-            num_linearisations=num_maps,
-            trial=S,
-            done=jnp.array(True),
         )
-        S, result, stats = finish(solver, final, max_steps)
         return unravel_trajectory(flat, S), result, stats
