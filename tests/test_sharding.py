@@ -86,6 +86,7 @@ def _cases():
         parassm.QuasiDEER(),
         parassm.ELK(),
         parassm.ELK(parassm.FixedDamping(0.1)),
+        parassm.MultipleShooting(chunk_length=8),
     ]
     # All slow: once, late in a full-suite run, XLA segfaulted compiling one of these
     # (they pass on their own); until that is understood they stay out of the default run.
