@@ -641,6 +641,16 @@ def _diagnose_table(report: dict, verbose: bool = False) -> str:
     lines += [
         "",
         f"{'recommended':<27}{d['recommendation']['solver']}" + (f" ({why})" if why else ""),
+    ]
+    chunk = d["recommendation"]["multiple_shooting_chunk"]
+    if chunk is not None:
+        lines.append(
+            f"{'or try':<27}parassm.MultipleShooting(chunk_length={chunk}): the system "
+            "contracts, but slowly, and Newton's method crawls on it; multiple shooting "
+            "solves only for the states between chunks of about 4/|LLE| steps, each "
+            "chunk sequential"
+        )
+    lines += [
         f"{'diagnosis time':<27}{d['timings']['diagnose_s']:.3g} s (including compilation)",
     ]
     return "\n".join(lines)

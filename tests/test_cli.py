@@ -429,7 +429,13 @@ def test_json_schema(capsys):
     assert set(report["predicted_steps"]) == {"DEER", "QuasiDEER", "ELK", "Picard", "Jacobi"}
     assert all(1 <= v <= 64 for v in report["predicted_steps"].values())
     assert report["recommendation"]["solver"] == "Sequential"
-    assert set(report["recommendation"]) == {"solver", "costs", "hardware"}
+    assert set(report["recommendation"]) == {
+        "solver",
+        "costs",
+        "hardware",
+        "multiple_shooting_chunk",
+    }
+    assert report["recommendation"]["multiple_shooting_chunk"] is None  # chaotic
     assert set(report["bounds"]) >= {"neg_log_mu_lower", "neg_log_mu_upper", "window"}
     assert report["timings"]["diagnose_s"] > 0 and report["check"] is None
     assert "parassm diagnose: logistic" in err  # progress goes to stderr

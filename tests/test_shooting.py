@@ -236,3 +236,21 @@ def test_unrolled_adjoint_is_refused():
             solver=parassm.MultipleShooting(chunk_length=4),
             adjoint=parassm.UnrolledAdjoint(),
         )
+
+
+def test_diagnosis_suggests_a_chunk_where_newton_crawls():
+    # The pendulum contracts (LLE about -0.011 per step) but DEER's trial crawls: the
+    # diagnosis calls it marginal and suggests chunks of about 4 / |LLE| steps, with
+    # which multiple shooting converges in a few iterations.
+    T, s0 = 2000, jnp.array([2.0, 0.0])
+    d = parassm.diagnose(pendulum, s0, T)
+    assert d.regime == "marginal" and d.lle < 0
+    chunk = d.shooting_chunk
+    assert chunk is not None and abs(chunk - 4 / -d.lle) <= 1
+    assert d.to_dict()["recommendation"]["multiple_shooting_chunk"] == chunk
+    sol = parassm.evaluate(pendulum, s0, T, solver=parassm.MultipleShooting(chunk_length=chunk))
+    assert int(sol.stats["num_steps"]) <= 5
+    assert tree_max_abs_diff(sol.value, sequential(pendulum, s0, length=T)) < 1e-10
+    # A predictable cell: nothing to suggest.
+    cell, s0, xs = _problem(T=200, contraction=0.5)
+    assert parassm.diagnose(cell, s0, xs=xs).shooting_chunk is None

@@ -47,6 +47,10 @@ LLE_TOL = 1e-3
 UNPREDICTABLE_GROWTH = 5.0
 
 
+# A chunk of multiple shooting should shrink perturbations by about e^-4: `4 / |LLE|` steps.
+SHOOTING_CONTRACTION = 4.0
+
+
 def fast_limit(length: int) -> float:
     """Steps that still count as "few": `O(log T)`."""
     return max(8.0, 2.0 * math.log2(max(length, 2)))
@@ -309,7 +313,8 @@ class Diagnosis(eqx.Module):
     - `proxy_length`: the length of that prefix.
     - `costs`: candidate name -> predicted time in units of one sequential step.
     - `recommended`: the solver to use (an instance; [`parassm.Sequential`][] when
-        parallel evaluation cannot pay).
+        parallel evaluation cannot pay). See also `shooting_chunk`, a suggestion for
+        contracting systems on which Newton's method crawls.
     - `hardware`: the [`parassm.diagnostics.Hardware`][] model used.
     - `flops`: the floating-point operations of one step of `f` (the cost model's
         unit of work).
@@ -346,6 +351,19 @@ class Diagnosis(eqx.Module):
     def recommended_name(self) -> str:
         return type(self.recommended).__name__
 
+    @property
+    def shooting_chunk(self) -> int | None:
+        """For a system that contracts (LLE < 0) but on which the Newton-type trial
+        crawls (regime `"marginal"`: a long memory, e.g. a weakly damped flow): a
+        chunk length for [`parassm.MultipleShooting`][], `4 / |LLE|` steps (a chunk
+        then shrinks perturbations by about $e^{-4}$) and at least $\\sqrt{T}$.
+        `None` otherwise, or where one chunk would be the whole sequence."""
+        if self.regime != "marginal" or not self.lle < -LLE_TOL:
+            return None
+        memory = math.ceil(SHOOTING_CONTRACTION / -self.lle)
+        chunk = max(math.isqrt(self.length - 1) + 1, memory)
+        return chunk if chunk < self.length else None
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable summary (non-finite numbers become `None`); the schema
         is documented in `docs/diagnostics.md`."""
@@ -376,6 +394,7 @@ class Diagnosis(eqx.Module):
             proxy=dict(length=self.proxy_length, steps=dict(self.proxy_steps)),
             recommendation=dict(
                 solver=self.recommended_name,
+                multiple_shooting_chunk=self.shooting_chunk,
                 costs={k: _float(v) for k, v in self.costs.items()},
                 hardware=dict(
                     name=self.hardware.name,
