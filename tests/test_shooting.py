@@ -254,3 +254,15 @@ def test_diagnosis_suggests_a_chunk_where_newton_crawls():
     # A predictable cell: nothing to suggest.
     cell, s0, xs = _problem(T=200, contraction=0.5)
     assert parassm.diagnose(cell, s0, xs=xs).shooting_chunk is None
+
+
+def test_warm_start():
+    # The chunk ends come from the guess: the solution itself needs no iteration.
+    cell, s0, xs = _problem(T=30)
+    ref = sequential(cell, s0, xs)
+    solver = parassm.MultipleShooting(chunk_length=4)
+    sol = parassm.evaluate(cell, s0, xs=xs, solver=solver, init=ref)
+    assert int(sol.stats["num_steps"]) == 0
+    assert tree_max_abs_diff(sol.value, ref) < 1e-12
+    cold = parassm.evaluate(cell, s0, xs=xs, solver=solver)
+    assert int(cold.stats["num_steps"]) > 0
