@@ -68,9 +68,10 @@ class MultipleShooting(AbstractSolver):
     What it costs: every iteration runs $L$ sequential steps (depth $L$, where DEER's
     depth is $\log T$) and, with DEER, $D$ JVPs through them; the parallelism is $K$
     chunks (times `vmap` batches), not $T$ steps. At most $K$ iterations (every one
-    makes at least one more chunk exact), so never deeper than `T` sequential steps
-    plus the coarse scans. Right for hard predictable problems where DEER crawls;
-    on easy ones DEER is cheaper.
+    makes at least one more chunk exact), so even where nothing converges early
+    (chaotic systems) the work is bounded: $K$ iterations of a pass over the chunks
+    (two with DEER: the values, then the JVPs). Right for hard predictable problems
+    where DEER crawls; on easy ones DEER is cheaper.
 
     **Arguments:**
 
@@ -123,7 +124,7 @@ class MultipleShooting(AbstractSolver):
         solver = self.solver
         flat = flatten(f, s0)
         solver.check(flat)
-        T, L = length, min(self.chunk(length), length)
+        T, L = length, self.chunk(length)
         K = -(-T // L)
         pad = K * L - T
         S0 = flat_initial_guess(flat, init, T)

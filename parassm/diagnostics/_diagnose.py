@@ -21,6 +21,7 @@ from .._solvers.jacobi import Jacobi
 from .._solvers.picard import Picard
 from .._solvers.quasi_deer import QuasiDEER
 from .._solvers.sequential import Sequential
+from .._solvers.shooting import MultipleShooting
 from ._conditioning import Conditioning, conditioning_flat
 from ._hardware import Hardware, step_flops
 from ._lyapunov import qr_log_stretch, slice_inputs, trajectory_before
@@ -361,7 +362,7 @@ class Diagnosis(eqx.Module):
         if self.regime != "marginal" or not self.lle < -LLE_TOL:
             return None
         memory = math.ceil(SHOOTING_CONTRACTION / -self.lle)
-        chunk = max(math.isqrt(self.length - 1) + 1, memory)
+        chunk = max(MultipleShooting().chunk(self.length), memory)
         return chunk if chunk < self.length else None
 
     def to_dict(self) -> dict[str, Any]:
