@@ -722,12 +722,15 @@ def finish_measured(
     num_linearisations: Int[Array, ""],
     step_size: Float[Array, ""],
     search_state: PyTree,
+    fs: Float[Array, "T D"] | None = None,
 ) -> tuple[Float[Array, "T D"], RESULTS, dict[str, Array]]:
     """`finish` for a trajectory `S` of the whole `problem` put together outside one
-    Newton loop (a sliding window, multiple shooting): measured once more (one
-    vectorised evaluation of `f`), so that its result and statistics are those of the
-    whole trajectory. The counts and the search's state are the caller's."""
-    fs = problem.evaluate(S)
+    Newton loop (a sliding window, multiple shooting): measured once more, so that its
+    result and statistics are those of the whole trajectory. `fs`, the values
+    `f(s_{t-1}, x_t)` at `S`, where the caller has them; else one vectorised
+    evaluation of `f`. The counts and the search's state are the caller's."""
+    if fs is None:
+        fs = problem.evaluate(S)
     err, front, tol, sizes = measure(S, fs, *solver.tolerances(S.dtype))
     zero = jnp.array(0)
     final = LoopState(

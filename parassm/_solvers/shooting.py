@@ -86,7 +86,8 @@ class MultipleShooting(AbstractSolver):
 
     `Solution.stats["num_steps"]` counts the coarse iterations (each `L` sequential
     steps deep); `converged_prefix`, `residual` and `result` are measured on the whole
-    trajectory at the end (one more vectorised evaluation of `f`).
+    trajectory at the end, which one more pass over the chunks rebuilds from the chunk
+    ends.
     """
 
     solver: AbstractParallelSolver = DEER()
@@ -145,14 +146,17 @@ class MultipleShooting(AbstractSolver):
         C = state.S
 
         # The whole trajectory from the chunk ends: every chunk from the end of the one
-        # before, its last state the chunk end itself (so the residual of the whole
-        # trajectory is the coarse residual at the chunk ends, zero inside).
+        # before, its last state the chunk end itself. Every row of the chunk scans is
+        # `f` of the row before it in `S`, so they are the values at `S` too: the
+        # residual of the whole trajectory is the coarse residual at the chunk ends and
+        # zero inside, with no evaluation of `f` beyond the scans.
         starts = jnp.concatenate([flat.s0[None], C[:-1]])
         _, inner = eqx.filter_vmap(chunk_map.trajectory)(starts, xs_c)
         last = (jnp.arange(L) == L - 1)[None, :, None]
         S = jnp.where(last, C[:, None, :], inner).reshape(K * L, -1)
         # The padded steps of the last chunk repeat its last state: its end is `s_T`.
         S = S[:T].at[T - 1].set(C[-1])
+        fs = inner.reshape(K * L, -1)[:T]
 
         S, result, stats = finish_measured(
             solver,
@@ -164,6 +168,7 @@ class MultipleShooting(AbstractSolver):
             num_linearisations=state.num_linearisations,
             step_size=state.step_size,
             search_state=state.search_state,
+            fs=fs,
         )
         stats["chunk_length"] = jnp.array(L)
         return unravel_trajectory(flat, S), result, stats
