@@ -124,19 +124,19 @@ def work(solver: AbstractParallelSolver, size: int) -> Work:
     rtol, atol = solver.rtol, solver.atol
     dense = (4.0 * size**3, 2.0 * size**2)  # matrix products / matrix-vector products
     # (Quasi-)ELK with a search that never damps (the default) runs (quasi-)DEER's
-    # iteration, with the values evaluated apart from the maps; one that may damp is
-    # costed with a Kalman smoother's flops and twice the evaluations.
+    # iteration plus one evaluation of `f` (the values apart from the maps); one that
+    # may damp is costed with a Kalman smoother's flops and twice the evaluations.
     if isinstance(solver, ELK):
         trial = DEER(jacobian=solver.jacobian, rtol=rtol, atol=atol)
         if not solver.search.may_damp:
-            return Work(trial, 2.0 + size, *dense)
+            return _one_more_evaluation(work(trial, size))
         return Work(trial, 2.0 * (1 + size), 12.0 * size**3, dense[1])
     if isinstance(solver, QuasiELK):
         trial = QuasiDEER(diagonal=solver.diagonal, rtol=rtol, atol=atol)
-        evaluations = _diagonal_evaluations(solver.diagonal, size)
         if not solver.search.may_damp:
-            return Work(trial, 1.0 + evaluations, 8.0 * size, 2.0 * size)
-        return Work(trial, 2.0 * evaluations, 24.0 * size, 2.0 * size)
+            return _one_more_evaluation(work(trial, size))
+        evaluations = 2.0 * _diagonal_evaluations(solver.diagonal, size)
+        return Work(trial, evaluations, 24.0 * size, 2.0 * size)
     if isinstance(solver, DEER):
         evaluations = 2.0 if isinstance(solver.jacobian, FunctionJacobian) else 1.0 + size
         return Work(solver, evaluations, *dense)
@@ -151,6 +151,10 @@ def work(solver: AbstractParallelSolver, size: int) -> Work:
         return Work(solver, 1.0, 2.0 * size, 2.0 * size)
     # An unknown parallel solver: costed like DEER, and trialled as itself.
     return Work(solver, 1.0 + size, *dense)
+
+
+def _one_more_evaluation(w: Work) -> Work:
+    return w._replace(evaluations=w.evaluations + 1.0)
 
 
 def _diagonal_evaluations(diagonal, size: int) -> float:
