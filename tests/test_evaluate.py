@@ -213,6 +213,56 @@ def test_blown_up_tail_is_restarted(dtype, solver_type):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("r", [3.2, 3.4])
+def test_periodic_orbit_restarts_in_phase(r, dtype):
+    # The logistic map on its stable orbit of period 2 (r = 3.2) or 4 (r = 3.4): a
+    # constant tail carries no phase, and linearised at one Newton's step expands and
+    # blows up again (DEER took over 300 steps at T = 1e4 in float32, from the default
+    # and from a random guess). The blown-up tail restarts from the converged prefix
+    # repeated with a period of a power of two, in phase with the orbit. (Not every
+    # random guess: on one row of bench/convergence.py, r = 3.2 from s0 = 0.3, no step
+    # of a random guess blows up, nothing restarts, and the front still crawls.)
+    system = parassm.systems.Logistic(r=r, x0=0.1, dtype=dtype)
+    T = 10_000
+    ref = sequential(system.f, system.s0, None, T)
+    tol = 1e-10 if dtype == jnp.float64 else 1e-4
+    # The benchmark's random guess: uniform over the range of the trajectory.
+    uniform = jr.uniform(jr.split(jr.key(0), 1)[0], (T,), dtype)
+    guesses = {"default": None, "random": uniform * (ref.max() - ref.min()) + ref.min()}
+    for name, init in guesses.items():
+        sol = parassm.evaluate(
+            system.f, system.s0, T, solver=parassm.DEER(), init=init, max_steps=100, throw=False
+        )
+        assert sol.result == parassm.RESULTS.successful, name
+        assert int(sol.stats["num_steps"]) <= 50, (name, int(sol.stats["num_steps"]))
+        assert tree_max_abs_diff(sol.value, ref) < tol, name
+
+
+def test_the_restarted_tail_repeats_the_converged_prefix():
+    from parassm._solvers._parallel import safeguarded
+
+    # Converged up to p = 6 on a period-2 sequence; blown up from step 8 on.
+    T, p = 20, 6
+    orbit = jnp.tile(jnp.array([[0.5], [0.8]]), (T // 2, 1))
+    S = orbit.at[p:].set(jnp.inf)
+    fs = orbit
+    sizes = jnp.ones(T)
+    trial = orbit.at[8:].set(1e30)
+    out = safeguarded(S, fs, sizes, trial, jnp.array(p), jnp.array(8))
+    # Steps before the blow-up are kept (p is f there), then the converged prefix's
+    # shortest period repeats, in phase: the orbit.
+    np.testing.assert_array_equal(out, orbit)
+    # With fewer than two periods converged, the last sane step is repeated ...
+    out = safeguarded(S, fs, sizes, trial, jnp.array(3), jnp.array(8))
+    np.testing.assert_array_equal(out[8:], jnp.broadcast_to(trial[7], (T - 8, 1)))
+    # ... and so it is after a prefix that does not repeat (a decaying oscillation is
+    # better restarted from a constant than from a period it does not have).
+    ramp = jnp.linspace(0.0, 1.0, T)[:, None]
+    out = safeguarded(ramp.at[p:].set(jnp.inf), ramp, sizes, trial, jnp.array(p), jnp.array(8))
+    np.testing.assert_array_equal(out[8:], jnp.broadcast_to(trial[7], (T - 8, 1)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_expanding_linearisation_restarts_the_tail(dtype):
     # The two-well sampler started at the saddle between the wells: linearised at the
     # constant guess the maps expand (about 1.03 per step), so the Newton correction

@@ -185,6 +185,13 @@ def merit(err: Float[Array, " T"], rtol: float) -> Float[Array, ""]:
     return 0.5 * jnp.mean(capped * capped)
 
 
+# A blown-up tail restarts from the converged prefix repeated with a period of at most
+# this many steps (a power of two), where the prefix repeats with that period to this
+# fraction of its size (see `safeguarded`).
+RESTART_PERIOD = 64
+PERIODIC_RTOL = 1e-3
+
+
 def safeguarded(
     S: Float[Array, "T D"],
     fs: Float[Array, "T D"],
@@ -194,23 +201,35 @@ def safeguarded(
     blown: Array,
 ) -> Float[Array, "T D"]:
     """`trial` with the loop's safeguards: the converged prefix stays frozen, step `p`
-    becomes exactly `f(s_{p-1}, x_p)`, and the tail from the first blown-up step on
-    repeats the last step before it. A step is blown up if the residual of `S` there
-    is (`blown`, the first step whose scaled residual reaches the merit's cap; `T` if
-    none), or if the trial there is not finite or larger than `1 / sqrt(eps)` times
-    every step of `S` and `f(S)` before `blown` (`sizes`: from `measure`, at most twice
-    that). Entries still not finite afterwards (only at `p`, where `f` itself is not)
-    keep their previous values.
+    becomes exactly `f(s_{p-1}, x_p)`, and the tail from the first blown-up step on is
+    restarted. A step is blown up if the residual of `S` there is (`blown`, the first
+    step whose scaled residual reaches the merit's cap; `T` if none), or if the trial
+    there is not finite or larger than `1 / sqrt(eps)` times every step of `S` and
+    `f(S)` before `blown` (`sizes`: from `measure`, at most twice that). Entries still
+    not finite afterwards (only at `p`, where `f` itself is not) keep their previous
+    values.
 
     Why: a correction `s_t + Delta_t` at a huge `s_t` cancels catastrophically (in
     float64 the first Newton step from a poor guess can reach 1e66 and stay finite),
     so every later trial there would be garbage and the front would advance one step
     per iteration; and a trial that grows by `1 / sqrt(eps)` over the trajectory it
     corrects (a linearisation that expands, e.g. at an unstable point) would be such
-    a step at the next iteration. Repeating the last sane step restarts the tail from
-    a constant guess, as the default guess does at the first iteration. Only
-    unconverged steps change, so the front still advances at least one step."""
-    times = jnp.arange(S.shape[0])[:, None]
+    a step at the next iteration.
+
+    The restarted tail is the last sane step, repeated (the constant guess the default
+    guess is), unless the converged prefix is periodic: if its last `2w` steps repeat
+    with period `w` (a power of two up to `RESTART_PERIOD`, the shortest that does, to
+    `PERIODIC_RTOL` of their size), the tail repeats its last `w` steps, in phase.
+    Why: on a periodic orbit (the period-doubling cascade of the logistic map: 2, 4,
+    8, ...) a constant carries no phase; linearised at one, Newton's step expands and
+    blows up again, and the front gained about one step per iteration (logistic map,
+    r = 3.2 and 3.4, T = 1e4, float32: DEER over 300 steps from every guess). Repeating
+    the prefix whatever it looks like would hurt elsewhere: a decaying oscillation
+    (Duffing, T = 1e3, float32: DEER 79 -> 222 steps) is better restarted constant. Only
+    unconverged steps change, so the front still advances at least one step.
+    """
+    T = S.shape[0]
+    times = jnp.arange(T)[:, None]
     # Exactly `f(s_{p-1})` at the first unconverged step: the correction form would
     # cancel catastrophically if the old guess there were huge.
     trial = jnp.where(times < p, S, jnp.where(times == p, fs, trial))
@@ -225,17 +244,38 @@ def safeguarded(
     blown = jnp.minimum(blown, huge)
 
     def restart(trial):
-        # The row by a masked reduction, not an index (with time split over devices,
-        # one all-reduce rather than a gather).
         last = jnp.maximum(blown - 1, p)
+        # The rows by masked reductions, not indexing (with time split over devices,
+        # one all-reduce rather than a gather): the last sane step, and the last `2n`
+        # converged steps, `window[j] = s_{p - 2n + j}` (zero before the first step).
         last_sane = jnp.sum(jnp.where(times == last, trial, 0), axis=0)
-        trial = jnp.where(times > last, last_sane, trial)
+        n = RESTART_PERIOD
+        j = jnp.arange(2 * n)
+        pick = times == (p - 2 * n + j)[None, :]
+        finite = jnp.where(jnp.isfinite(S), S, 0)  # zero times inf would be NaN
+        window = jnp.einsum("tj,td->jd", pick.astype(S.dtype), finite)
+        scale = jnp.max(jnp.abs(window)) + jnp.finfo(S.dtype).tiny
+
+        def periodic(w):
+            # Whether the last `2w` converged steps repeat with period `w`.
+            recent, before = window[2 * n - w :], window[2 * n - 2 * w : 2 * n - w]
+            close = jnp.max(jnp.abs(recent - before)) <= PERIODIC_RTOL * scale
+            return (p >= 2 * w) & close, recent
+
+        # The shortest period (a power of two) with which the converged prefix repeats:
+        # the tail repeats it, in phase; a constant prefix, or none: the last sane step.
+        tail = jnp.broadcast_to(last_sane, S.shape)
+        for w in reversed([2**k for k in range(1, n.bit_length()) if 2 ** (k + 1) <= T]):
+            found, recent = periodic(w)
+            tail = jnp.where(found, recent[(times[:, 0] - p) % w], tail)
+        tail = jnp.where(periodic(1)[0], last_sane, tail)
+        trial = jnp.where(times > last, tail, trial)
         # Every step up to `last` is finite but `p` (`f` there): entrywise.
         return jnp.where(jnp.isfinite(trial), trial, S)
 
     # Nothing blown up (the common case): every step is finite and nothing changes,
     # so the passes of the restart are skipped.
-    return lax.cond(blown < S.shape[0], restart, lambda trial: trial, trial)
+    return lax.cond(blown < T, restart, lambda trial: trial, trial)
 
 
 class Trial(eqx.Module):
