@@ -15,7 +15,10 @@ T > 1000 `max_steps` is capped (`--cap`, default 300): a case that needs more is
 over the target anyway, and shows as `300!`.
 `DEER-U` is DEER with the undamped search (the product before globalization).
 `MultipleShooting` is DEER on the ends of chunks of ceil(sqrt(T)) steps; its iterations
-are that many sequential steps deep.
+are that many sequential steps deep. `Auto (wide)` is the solver `parassm.Auto` chooses
+with a fixed model of a wide machine (GPU-like: the choice it makes on an accelerator),
+decided on the default guess and run from the row's guess; the JSON row names it
+(`chosen`), and a row where it chose `Sequential` shows `seq`.
 
 With `--repeats N` every row is also timed: `lax.scan` and each solver compiled first,
 then the best of N runs (`run_s`, `scan_s` and their ratio in the JSON rows):
@@ -163,7 +166,26 @@ SOLVERS = {
     "DEER-U": parassm.DEER(search=parassm.Undamped()),
     "MultipleShooting": parassm.MultipleShooting(),
     "MultipleShooting (Jacobi)": parassm.MultipleShooting(parassm.Jacobi()),
+    # What Auto runs on an accelerator: decided on the host (on the default guess) with
+    # a fixed model of a wide machine, then run from the row's guess.
+    "Auto (wide)": parassm.Auto(
+        hardware=parassm.diagnostics.Hardware(
+            step_latency=5e-6,
+            sequential_flops=1e9,
+            call_latency=5e-6,
+            vector_flops=1e13,
+            name="wide (GPU-like model)",
+        )
+    ),
 }
+
+
+def describe(solver) -> str:
+    """A solver's name, with the chunk length of multiple shooting."""
+    name = type(solver).__name__
+    if isinstance(solver, parassm.MultipleShooting):
+        name += f"(L={solver.chunk_length})"
+    return name
 
 
 @eqx.filter_jit
@@ -300,6 +322,14 @@ def main(argv=None):
                     cells, errs = [], []
                     for sname, solver in solvers.items():
                         t0 = time.perf_counter()
+                        chosen = None
+                        if isinstance(solver, parassm.Auto):
+                            # Every case is diagnosed afresh: Auto caches decisions per
+                            # signature (shapes, not values), and the zoo's systems of
+                            # one kind differ only in their parameters' values.
+                            parassm._auto.clear_cache()
+                            solver = solver.decide(system.f, system.s0, T, xs=xs)
+                            chosen = describe(solver)
                         cap = T if T <= 1000 else min(T, args.cap)
                         sol = _solve(system, solver, T, xs, init, cap)
                         jax.block_until_ready(sol.value)
@@ -312,6 +342,8 @@ def main(argv=None):
                         err = _rel_err(sol.value, ref)
                         errs.append(err if ok else math.nan)
                         cell = f"{steps:>8d}{' ' if ok else '!'}"
+                        if chosen == "Sequential":
+                            cell = f"{'seq':>8s} "
                         if run_s is not None:
                             cell += f" {run_s * 1e3:.1f} ms ({run_s / scan_s:.0f}x scan)"
                         cells.append(cell)
@@ -325,6 +357,7 @@ def main(argv=None):
                                 lle=exponent,
                                 predictable=predictable,
                                 solver=sname,
+                                **({} if chosen is None else dict(chosen=chosen)),
                                 steps=steps,
                                 trials=int(sol.stats.get("num_trials", steps)),
                                 successful=ok,

@@ -30,6 +30,7 @@ from ._solvers._parallel import AbstractParallelSolver
 from ._solvers.deer import DEER
 from ._solvers.quasi_deer import QuasiDEER
 from ._solvers.sequential import Sequential
+from ._solvers.shooting import MultipleShooting
 from .diagnostics._diagnose import (
     choose,
     costs,
@@ -38,8 +39,10 @@ from .diagnostics._diagnose import (
     MARGIN,
     problem_flops,
     REGIMES,
+    shooting_pays,
 )
 from .diagnostics._hardware import Hardware
+from .diagnostics._predict import shooting_time
 
 
 class Decision(NamedTuple):
@@ -49,6 +52,9 @@ class Decision(NamedTuple):
     steps: tuple[int, ...]
     lle: float
     seconds: float
+    # `(chunk length, predicted coarse iterations)` of multiple shooting, where the
+    # diagnosis trialled it; else None.
+    shooting: tuple[int, int] | None = None
 
 
 _CACHE_SIZE = 256
@@ -127,7 +133,12 @@ class Auto(AbstractSolver):
         times pick the candidate, or Sequential if parallel evaluation is not at least
         1.5x cheaper, or if the regime is not "predictable": unpredictable (LLE > 0) or
         marginal (periodic orbits, where a constant initial guess carries no phase and
-        Newton crawls; flows with an LLE about zero).
+        Newton crawls; flows with an LLE about zero). In the marginal regime, a system
+        that contracts (LLE < 0) on which the candidates crawl (a long memory, e.g. a
+        weakly damped oscillator) gets [`parassm.MultipleShooting`][] with `shooting`
+        on the chunk ends and chunks of `4 / |LLE|` steps (at least $\sqrt{T}$), if
+        its own trial (on the first 16 chunks) predicts it 1.5x cheaper than
+        Sequential.
     3. **Under a transformation** (`jax.jit`, `jax.vmap`, `jax.grad` of a function
         that calls `evaluate`), the values are tracers: Auto uses the cached diagnosis
         of the same signature if there is one, and otherwise Sequential, which is never
@@ -136,15 +147,18 @@ class Auto(AbstractSolver):
         representative values to let Auto pick a parallel solver inside `jit`.
 
     `stats["solver"]` holds the index of the solver used in
-    `("Sequential",) + candidates`.
+    `("Sequential",) + candidates + ("MultipleShooting",)`.
 
     **Arguments:**
 
     - `candidates`: the parallel solvers to choose from, as instances (e.g.
         `(parassm.DEER(), parassm.QuasiDEER(parassm.HutchinsonDiagonal()))`);
         Sequential is always a candidate.
-    - `rtol`, `atol`: when given, they replace the candidates' own tolerances, in the
-        trials and in the evaluation (as for [`parassm.DEER`][]).
+    - `shooting`: the parallel solver that [`parassm.MultipleShooting`][] runs on the
+        chunk ends where Auto chooses multiple shooting (default [`parassm.DEER`][]);
+        None never chooses it.
+    - `rtol`, `atol`: when given, they replace the candidates' (and `shooting`'s) own
+        tolerances, in the trials and in the evaluation (as for [`parassm.DEER`][]).
     - `hardware`: a [`parassm.diagnostics.Hardware`][] model; `None` measures it
         (once per device kind and dtype, see `docs/diagnostics.md`).
     - `proxy_length`: the length of the prefix the diagnosis trials run on (`None`: the
@@ -154,6 +168,7 @@ class Auto(AbstractSolver):
     candidates: tuple[AbstractParallelSolver, ...] = eqx.field(
         default=(DEER(), QuasiDEER()), converter=tuple
     )
+    shooting: AbstractParallelSolver | None = DEER()
     rtol: float | None = None
     atol: float | None = None
     hardware: Hardware | None = None
@@ -172,23 +187,32 @@ class Auto(AbstractSolver):
                     "Every Auto candidate must be a parallel solver instance such as "
                     f"`parassm.DEER()` (Sequential is always included); got {candidate!r}."
                 )
+        if self.shooting is not None and not isinstance(self.shooting, AbstractParallelSolver):
+            raise TypeError(
+                "`shooting` is the parallel solver multiple shooting runs on the chunk ends "
+                f"(e.g. `parassm.DEER()`) or None; got {self.shooting!r}."
+            )
         if self.hardware is not None and not isinstance(self.hardware, Hardware):
             raise TypeError("`hardware` must be a `parassm.diagnostics.Hardware` or None.")
         if self.proxy_length is not None and self.proxy_length < 1:
             raise ValueError(f"`proxy_length` must be at least 1, got {self.proxy_length}.")
 
+    def _tolerances(self, solver: AbstractParallelSolver) -> AbstractParallelSolver:
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if value is not None:
+                solver = eqx.tree_at(
+                    lambda c: getattr(c, name), solver, value, is_leaf=lambda x: x is None
+                )
+        return solver
+
     def configured(self) -> tuple[AbstractParallelSolver, ...]:
         """The candidates with Auto's `rtol` and `atol`, where given."""
-        out = []
-        for candidate in self.candidates:
-            for name in ("rtol", "atol"):
-                value = getattr(self, name)
-                if value is not None:
-                    candidate = eqx.tree_at(
-                        lambda c: getattr(c, name), candidate, value, is_leaf=lambda x: x is None
-                    )
-            out.append(candidate)
-        return tuple(out)
+        return tuple(self._tolerances(candidate) for candidate in self.candidates)
+
+    def configured_shooting(self) -> AbstractParallelSolver | None:
+        """`shooting` with Auto's `rtol` and `atol`, where given."""
+        return None if self.shooting is None else self._tolerances(self.shooting)
 
     def _measure(self, f, s0, xs, length) -> tuple[Hardware, float, int]:
         dtype = jtu.tree_leaves(s0)[0].dtype
@@ -206,10 +230,16 @@ class Auto(AbstractSolver):
         candidates = self.configured()
         ones = [1] * len(candidates)
         sequential, one_step = costs(candidates, ones, size, flops, length, hardware)
+        shooting = self.configured_shooting()
+        if shooting is not None:
+            chunk = MultipleShooting().chunk(length)
+            if chunk < length:
+                one_step.append(shooting_time(shooting, 1, chunk, size, flops, length, hardware))
         return min(one_step) * MARGIN >= sequential
 
     def _key(self, f, s0, xs, length):
-        return signature(f, s0, xs, length), self.configured(), self.proxy_length
+        configured = self.configured(), self.configured_shooting()
+        return signature(f, s0, xs, length), configured, self.proxy_length
 
     def diagnosis(self, f, s0, xs, length) -> Decision | None:
         """The cached diagnosis of this problem's signature, running it now if the
@@ -221,10 +251,13 @@ class Auto(AbstractSolver):
             settings = default_settings(
                 self.configured(), self.proxy_length, lle_steps=256, conditioning=False
             )
-            out = diagnosis_arrays(f, s0, xs, length, settings)
+            out = diagnosis_arrays(f, s0, xs, length, settings, self.configured_shooting())
+            shooting = None
             if bool(out["finite"]):
                 regime = REGIMES[int(out["regime"])]
                 steps = tuple(int(k) for k in out["predicted"])
+                if out["shooting"] is not None:
+                    shooting = (out["shooting"]["chunk"], int(out["shooting"]["predicted"]))
             else:
                 # Nothing to predict from: Sequential, which reports the non-finite
                 # step as such.
@@ -234,23 +267,32 @@ class Auto(AbstractSolver):
                 steps=steps,
                 lle=float(out["lle"]),
                 seconds=time.perf_counter() - start,
+                shooting=shooting,
             )
             _remember(_DECISIONS, key, decision)
         return decision
 
-    def _choice(self, f, s0, xs, length) -> int:
-        """0 for Sequential, `i + 1` for candidate `i`."""
+    def _choice(self, f, s0, xs, length) -> tuple[int, AbstractSolver]:
+        """`(index, solver)`: index 0 for Sequential, `i + 1` for candidate `i`,
+        `len(candidates) + 1` for multiple shooting."""
         if self._static_sequential(f, s0, xs, length):
-            return 0
+            return 0, Sequential()
         decision = self.diagnosis(f, s0, xs, length)
         if decision is None:
-            return 0
+            return 0, Sequential()
         hardware, flops, size = self._measure(f, s0, xs, length)
-        sequential, parallel = costs(
-            self.configured(), decision.steps, size, flops, length, hardware
-        )
+        candidates = self.configured()
+        sequential, parallel = costs(candidates, decision.steps, size, flops, length, hardware)
         best = choose(sequential, parallel, decision.steps, decision.regime, length)
-        return 0 if best is None else best + 1
+        if best is not None:
+            return best + 1, candidates[best]
+        shooting = self.configured_shooting()
+        if shooting is not None and decision.shooting is not None:
+            chunk, steps = decision.shooting
+            cost = shooting_time(shooting, steps, chunk, size, flops, length, hardware)
+            if shooting_pays(sequential, cost, steps, -(-length // chunk)):
+                return len(candidates) + 1, MultipleShooting(shooting, chunk_length=chunk)
+        return 0, Sequential()
 
     def decide(
         self, f: Callable, s0: PyTree[Array], T: int | None = None, *, xs: PyTree | None = None
@@ -260,16 +302,14 @@ class Auto(AbstractSolver):
         needed. Arguments as for [`parassm.evaluate`][]."""
         length = time_length(xs, T)
         s0 = check_state(s0, floating=True)
-        index = self._choice(f, s0, xs, length)
-        return Sequential() if index == 0 else self.configured()[index - 1]
+        return self._choice(f, s0, xs, length)[1]
 
     def prepare(self, f, s0, xs, length):
         if is_concrete((f, s0, xs)) and not self._static_sequential(f, s0, xs, length):
             self.diagnosis(f, s0, xs, length)
 
     def select(self, f, s0, xs, length):
-        index = self._choice(f, s0, xs, length)
-        solver = Sequential() if index == 0 else self.configured()[index - 1]
+        index, solver = self._choice(f, s0, xs, length)
         return solver, dict(solver=jnp.array(index))
 
     def solve(self, f, s0, xs, length, init, max_steps):

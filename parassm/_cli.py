@@ -638,17 +638,23 @@ def _diagnose_table(report: dict, verbose: bool = False) -> str:
         )
     lines += notes
     why = _why(d)
-    lines += [
-        "",
-        f"{'recommended':<27}{d['recommendation']['solver']}" + (f" ({why})" if why else ""),
-    ]
-    chunk = d["recommendation"]["multiple_shooting_chunk"]
+    rec = d["recommendation"]
+    chunk, shooting_steps = rec["multiple_shooting_chunk"], rec["multiple_shooting_steps"]
+    solver = rec["solver"]
+    if solver == "MultipleShooting":
+        solver = f"parassm.MultipleShooting(chunk_length={chunk})"
+    lines += ["", f"{'recommended':<27}{solver}" + (f" ({why})" if why else "")]
     if chunk is not None:
+        predicted = (
+            ""
+            if shooting_steps is None
+            else f"; its trial predicts {shooting_steps} iterations on the chunk ends"
+        )
         lines.append(
-            f"{'or try':<27}parassm.MultipleShooting(chunk_length={chunk}): the system "
-            "contracts, but slowly, and Newton's method crawls on it; multiple shooting "
-            "solves only for the states between chunks of about 4/|LLE| steps, each "
-            "chunk sequential"
+            f"{'why multiple shooting' if rec['solver'] == 'MultipleShooting' else 'or try':<27}"
+            f"parassm.MultipleShooting(chunk_length={chunk}): the system contracts, but "
+            "slowly, and Newton's method crawls on it; multiple shooting solves only for "
+            "the states between chunks of about 4/|LLE| steps, each chunk sequential" + predicted
         )
     lines += [
         f"{'diagnosis time':<27}{d['timings']['diagnose_s']:.3g} s (including compilation)",

@@ -100,3 +100,19 @@ CPU = _Hardware(
     vector_flops=4e10,
     name="2-core cpu",
 )
+
+
+def pendulum(s, x):
+    """One RK4 step (dt = 0.05) of the damped pendulum theta'' = -sin theta - theta' / 2:
+    predictable (LLE about -0.011 per step) but weakly contracting, and from a guess
+    constant in time DEER's iterates wind through the other equilibria."""
+    h = 0.05
+
+    def field(s):
+        return jnp.stack([s[1], -jnp.sin(s[0]) - 0.5 * s[1]])
+
+    k1 = field(s)
+    k2 = field(s + 0.5 * h * k1)
+    k3 = field(s + 0.5 * h * k2)
+    k4 = field(s + h * k3)
+    return s + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)

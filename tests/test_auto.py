@@ -19,7 +19,7 @@ import pytest
 from parassm.diagnostics import _hardware
 from parassm.diagnostics._hardware import Hardware, read_entry, write_entry
 
-from .helpers import CPU, GPU_LIKE, sequential
+from .helpers import CPU, GPU_LIKE, pendulum, sequential, tree_max_abs_diff
 
 
 S = parassm.systems
@@ -92,10 +92,65 @@ def test_under_jit_without_a_diagnosis_falls_back_to_sequential():
 
 
 def test_periodic_and_chaotic_get_sequential():
-    auto = parassm.Auto(hardware=GPU_LIKE)
+    auto = parassm.Auto(hardware=GPU_LIKE, shooting=None)
     for r in (3.2, 4.0):
         system = S.Logistic(r=r)
         assert isinstance(auto.decide(system.f, system.s0, 1024), parassm.Sequential), r
+    # Chaos never gets multiple shooting either.
+    system = S.Logistic(r=4.0)
+    chosen = parassm.Auto(hardware=GPU_LIKE).decide(system.f, system.s0, 1024)
+    assert isinstance(chosen, parassm.Sequential)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_long_memory_gets_multiple_shooting_on_a_wide_machine(dtype):
+    # The pendulum contracts (LLE about -0.011) but DEER crawls on it (over 100 steps at
+    # T = 1e4): on a wide machine Auto shoots, with chunks of about 4 / |LLE| steps,
+    # and the trial's prediction of a few coarse iterations holds.
+    T, s0 = 10_000, jnp.array([2.0, 0.0], dtype)
+    auto = parassm.Auto(hardware=GPU_LIKE)
+    chosen = auto.decide(pendulum, s0, T)
+    assert isinstance(chosen, parassm.MultipleShooting), chosen
+    assert chosen.solver == parassm.DEER()
+    assert 200 <= chosen.chunk_length <= 800
+    decision = auto.diagnosis(pendulum, s0, None, T)
+    assert decision.regime == "marginal" and decision.shooting[0] == chosen.chunk_length
+    sol = parassm.evaluate(pendulum, s0, T, solver=auto)
+    assert int(sol.stats["solver"]) == len(auto.candidates) + 1
+    assert sol.result == parassm.RESULTS.successful
+    measured = int(sol.stats["num_steps"])
+    assert measured <= 2 * decision.shooting[1] + 2, (decision.shooting, measured)
+    ref = sequential(pendulum, s0, length=T)
+    assert tree_max_abs_diff(sol.value, ref) < (1e-4 if dtype == jnp.float32 else 1e-9)
+    # Inside `jit`, the cached decision; gradients by the implicit adjoint, as for any
+    # solver.
+    jitted = jax.jit(lambda s: parassm.evaluate(pendulum, s, T, solver=auto).value[-1])
+    assert tree_max_abs_diff(jitted(s0), ref[-1]) < (1e-4 if dtype == jnp.float32 else 1e-9)
+    if dtype == jnp.float64:
+        grad = jax.grad(lambda s: parassm.evaluate(pendulum, s, T, solver=auto).value[-1, 0])
+        expected = jax.grad(lambda s: sequential(pendulum, s, length=T)[-1, 0])
+        np.testing.assert_allclose(grad(s0), expected(s0), rtol=1e-6, atol=1e-10)
+    # Without multiple shooting, or on a narrow machine: Sequential.
+    no_shooting = parassm.Auto(hardware=GPU_LIKE, shooting=None)
+    assert isinstance(no_shooting.decide(pendulum, s0, T), parassm.Sequential)
+    assert isinstance(parassm.Auto(hardware=CPU).decide(pendulum, s0, T), parassm.Sequential)
+
+
+def test_multiple_shooting_needs_a_trial_that_converges():
+    # The period-2 logistic map: from a constant guess, chunks of an even number of
+    # steps land in the right phase and converge in one iteration, chunks of an odd
+    # number do not (about one chunk per iteration). Auto follows the trial, not a rule.
+    system = S.Logistic(r=3.2, x0=0.3, dtype=jnp.float32)
+    auto = parassm.Auto(hardware=GPU_LIKE)
+    even = auto.decide(system.f, system.s0, 10_000)  # chunks of sqrt(T) = 100 steps
+    assert isinstance(even, parassm.MultipleShooting) and even.chunk_length == 100
+    sol = parassm.evaluate(system.f, system.s0, 10_000, solver=even)
+    assert sol.result == parassm.RESULTS.successful and int(sol.stats["num_steps"]) <= 2
+    # (A length of another power-of-two bucket, so that it is diagnosed afresh.)
+    odd = auto.decide(system.f, system.s0, 3000)  # chunks of 55 steps
+    assert isinstance(odd, parassm.Sequential)
+    chunk, predicted = auto.diagnosis(system.f, system.s0, None, 3000).shooting
+    assert chunk == 55 and 4 * predicted >= 3000 // 55
 
 
 def test_candidates_are_instances_and_tolerances_propagate(monkeypatch):
@@ -120,6 +175,7 @@ def test_candidates_are_instances_and_tolerances_propagate(monkeypatch):
     assert int(sol.stats["solver"]) == 1
     # The evaluation met Auto's (loose) tolerance, not the default one.
     assert float(sol.stats["residual"]) <= 1.0
+    assert auto.configured_shooting() == parassm.DEER(rtol=1e-4, atol=1e-6)
     # Without Auto's tolerances the candidates keep their own.
     own = parassm.DEER(rtol=1e-3)
     assert parassm.Auto(candidates=(own,)).configured() == (own,)
@@ -128,6 +184,8 @@ def test_candidates_are_instances_and_tolerances_propagate(monkeypatch):
 def test_validation():
     with pytest.raises(TypeError, match="instance"):
         parassm.Auto(candidates=("DEER",))
+    with pytest.raises(TypeError, match="chunk ends"):
+        parassm.Auto(shooting="DEER")
     with pytest.raises(TypeError, match="instance"):
         parassm.Auto(candidates=(parassm.Sequential(),))
     with pytest.raises(TypeError, match="non-empty"):

@@ -226,6 +226,20 @@ def bad_shape():
 def broken():
     raise RuntimeError("boom")
 
+def pendulum():
+    # A weakly damped pendulum, one RK4 step of 0.05: contracts, but DEER crawls on it.
+    def field(s):
+        return jnp.stack([s[1], -jnp.sin(s[0]) - 0.5 * s[1]])
+
+    def f(s, x):
+        k1 = field(s)
+        k2 = field(s + 0.025 * k1)
+        k3 = field(s + 0.025 * k2)
+        k4 = field(s + 0.05 * k3)
+        return s + 0.05 / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+    return f, jnp.array([2.0, 0.0]), None
+
 not_callable = 5
 """
 
@@ -434,6 +448,7 @@ def test_json_schema(capsys):
         "costs",
         "hardware",
         "multiple_shooting_chunk",
+        "multiple_shooting_steps",
     }
     assert report["recommendation"]["multiple_shooting_chunk"] is None  # chaotic
     assert set(report["bounds"]) >= {"neg_log_mu_lower", "neg_log_mu_upper", "window"}
@@ -557,3 +572,20 @@ def test_demo_table_marks_stopped_solvers(capsys):
     code, out, err = run(capsys, ["demo", "--T", "2000", "--budget", "1"])
     assert code == 0
     assert "stopped" in out and "Verdict: use" in out.strip().splitlines()[-1]
+
+
+def test_a_long_memory_gets_a_chunk_and_its_trial(capsys, model):
+    # Marginal but contracting: the report gives a chunk for multiple shooting and the
+    # coarse iterations its own trial predicts; the table says so.
+    args = ["diagnose", "--model", f"{model}:pendulum", "--T", "2000"]
+    code, out, err = run(capsys, args + ["--json"])
+    assert code == 0, err
+    rec = json.loads(out)["recommendation"]
+    assert 200 <= rec["multiple_shooting_chunk"] <= 800
+    assert 1 <= rec["multiple_shooting_steps"] <= 8
+    assert "MultipleShooting" in rec["costs"]
+    code, out, err = run(capsys, args)
+    assert code == 0, err
+    chunk = rec["multiple_shooting_chunk"]
+    assert f"parassm.MultipleShooting(chunk_length={chunk})" in out
+    assert f"its trial predicts {rec['multiple_shooting_steps']} iterations" in out

@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse as sparse
 import scipy.sparse.linalg as sparse_linalg
 
-from .helpers import CPU, GPU_LIKE, sequential
+from .helpers import CPU, GPU_LIKE, pendulum, sequential
 
 
 S = parassm.systems
@@ -210,33 +210,46 @@ def test_trial_length_follows_the_lle():
     assert fixed.trial_length(0.0, 10_000) == 64
 
 
-def _pendulum(s, x):
-    # A weakly damped pendulum, one RK4 step of dt = 0.05: LLE about -0.0125 per step.
-    def field(s):
-        return jnp.stack([s[1], -0.5 * s[1] - jnp.sin(s[0])])
-
-    dt = 0.05
-    k1 = field(s)
-    k2 = field(s + dt / 2 * k1)
-    k3 = field(s + dt / 2 * k2)
-    k4 = field(s + dt * k3)
-    return s + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_weakly_damped_flow_is_predicted_from_a_longer_prefix(dtype):
     # A 128-step prefix of a flow whose errors decay over ~80 steps converges in a few
     # Newton steps while the whole problem needs many more: the trial runs on a prefix
     # of several decay lengths instead, and the prediction holds to within 2x.
     s0 = jnp.array([2.0, 0.0], dtype)
-    d = parassm.diagnose(_pendulum, s0, T, solvers=("DEER",), hardware=CPU)
+    d = parassm.diagnose(pendulum, s0, T, solvers=("DEER",), hardware=CPU)
     assert -0.02 < d.lle < -0.005
     assert d.proxy_length == 1024
-    sol = parassm.evaluate(_pendulum, s0, T, solver=parassm.DEER())
+    sol = parassm.evaluate(pendulum, s0, T, solver=parassm.DEER())
     measured = int(sol.stats["num_steps"])
     assert 0.5 <= d.predicted_steps["DEER"] / measured <= 2.0, (d.predicted_steps, measured)
     # It is not promised fast.
     assert isinstance(d.recommended, parassm.Sequential)
+
+
+def test_long_memory_is_recommended_multiple_shooting_from_its_own_trial():
+    # The pendulum at T = 1e4: DEER is predicted to crawl, so the regime is marginal;
+    # multiple shooting with chunks of about 4 / |LLE| steps is trialled on its first
+    # 16 chunks, predicted to converge in a few iterations, and recommended on a wide
+    # machine. The prediction holds.
+    T, s0 = 10_000, jnp.array([2.0, 0.0])
+    d = parassm.diagnose(pendulum, s0, T, solvers=("DEER",), hardware=GPU_LIKE)
+    assert d.regime == "marginal" and d.predicted_steps["DEER"] > 50
+    chunk = d.shooting_chunk
+    assert isinstance(d.recommended, parassm.MultipleShooting)
+    assert d.recommended == parassm.MultipleShooting(parassm.DEER(), chunk_length=chunk)
+    assert d.costs["MultipleShooting"] * 1.5 < d.costs["Sequential"]
+    assert d.to_dict()["recommendation"]["multiple_shooting_steps"] == d.shooting_steps
+    sol = parassm.evaluate(pendulum, s0, T, solver=d.recommended)
+    measured = int(sol.stats["num_steps"])
+    assert sol.result == parassm.RESULTS.successful
+    assert measured <= 2 * d.shooting_steps + 2 and d.shooting_steps <= 2 * measured + 2
+    # Asked not to: no trial, no cost, Sequential.
+    d = parassm.diagnose(pendulum, s0, T, solvers=("DEER",), hardware=GPU_LIKE, shooting=None)
+    assert d.shooting_steps is None and "MultipleShooting" not in d.costs
+    assert isinstance(d.recommended, parassm.Sequential)
+    assert d.shooting_chunk == chunk  # the suggestion stays
+    with pytest.raises(TypeError, match="chunk ends"):
+        parassm.diagnose(pendulum, s0, T, shooting="DEER")
 
 
 def test_a_loop_scan_machine_costs_the_solve_as_sequential_steps():

@@ -9,7 +9,7 @@ import parassm
 import pytest
 from hypothesis import given
 
-from .helpers import random_contraction, sequential, tree_max_abs_diff
+from .helpers import pendulum, random_contraction, sequential, tree_max_abs_diff
 
 
 class TanhCell(eqx.Module):
@@ -24,22 +24,6 @@ def _problem(T=40, D=3, contraction=0.8, dtype=jnp.float64, seed=3):
     kw, ku, kx, ks = jr.split(jr.key(seed), 4)
     cell = TanhCell(random_contraction(kw, D, contraction, dtype), jr.normal(ku, (D, 2), dtype))
     return cell, jr.normal(ks, (D,), dtype), jr.normal(kx, (T, 2), dtype)
-
-
-def pendulum(s, x):
-    """One RK4 step (dt = 0.05) of the damped pendulum theta'' = -sin theta - theta' / 2:
-    predictable (LLE about -0.012 per step) but weakly contracting, and from a guess
-    constant in time DEER's iterates wind through the other equilibria."""
-    h = 0.05
-
-    def field(s):
-        return jnp.stack([s[1], -jnp.sin(s[0]) - 0.5 * s[1]])
-
-    k1 = field(s)
-    k2 = field(s + 0.5 * h * k1)
-    k3 = field(s + 0.5 * h * k2)
-    k4 = field(s + h * k3)
-    return s + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
 INNER = [parassm.DEER(), parassm.QuasiDEER(), parassm.ELK(), parassm.Jacobi()]

@@ -4,8 +4,9 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+from jaxtyping import PyTree
 
-from .._problem import flatten, unravel_trajectory
+from .._problem import Flat, flatten, unravel_trajectory
 from ._base import AbstractSolver
 from ._parallel import (
     AbstractParallelSolver,
@@ -39,6 +40,23 @@ class _ChunkScan(eqx.Module):
     def __call__(self, s, chunk):
         # The chunk map `Phi_k`: the state after the chunk from the state before it.
         return self.trajectory(s, chunk)[0]
+
+
+def coarse_problem(flat: Flat, xs: PyTree | None, length: int, chunk: int) -> Problem:
+    """The coarse recurrence of multiple shooting with chunks of `chunk` steps: its
+    step is a `_ChunkScan` over one chunk of the inputs (the last chunk padded with
+    identity steps), its states the `K = ceil(length / chunk)` chunk ends."""
+    K = -(-length // chunk)
+    pad = K * chunk - length
+    valid = (jnp.arange(K * chunk) < length).reshape(K, chunk)
+
+    def chunked(x):
+        if pad:
+            x = jnp.concatenate([x, jnp.broadcast_to(x[-1:], (pad,) + x.shape[1:])])
+        return x.reshape((K, chunk) + x.shape[1:])
+
+    xs_c = (jtu.tree_map(chunked, xs), valid)
+    return Problem(_ChunkScan(flat.fn, chunk), flat.unravel, xs_c, flat.s0, K)
 
 
 class MultipleShooting(AbstractSolver):
@@ -126,19 +144,9 @@ class MultipleShooting(AbstractSolver):
         flat = flatten(f, s0)
         solver.check(flat)
         T, L = length, self.chunk(length)
-        K = -(-T // L)
-        pad = K * L - T
+        coarse = coarse_problem(flat, xs, T, L)
+        K = coarse.length
         S0 = flat_initial_guess(flat, init, T)
-        valid = jnp.arange(K * L) < T
-
-        def chunked(x):
-            if pad:
-                x = jnp.concatenate([x, jnp.broadcast_to(x[-1:], (pad,) + x.shape[1:])])
-            return x.reshape((K, L) + x.shape[1:])
-
-        xs_c = (jtu.tree_map(chunked, xs), valid.reshape(K, L))
-        chunk_map = _ChunkScan(flat.fn, L)
-        coarse = Problem(chunk_map, flat.unravel, xs_c, flat.s0, K)
         # The chunk ends of the guess: `c_k = s_{min(kL, T)}`.
         ends = jnp.minimum(jnp.arange(1, K + 1) * L, T) - 1
         max_coarse = K if max_steps is None else max_steps
@@ -151,7 +159,7 @@ class MultipleShooting(AbstractSolver):
         # residual of the whole trajectory is the coarse residual at the chunk ends and
         # zero inside, with no evaluation of `f` beyond the scans.
         starts = jnp.concatenate([flat.s0[None], C[:-1]])
-        _, inner = eqx.filter_vmap(chunk_map.trajectory)(starts, xs_c)
+        _, inner = eqx.filter_vmap(coarse.fn.trajectory)(starts, coarse.xs)
         last = (jnp.arange(L) == L - 1)[None, :, None]
         S = jnp.where(last, C[:, None, :], inner).reshape(K * L, -1)
         # The padded steps of the last chunk repeat its last state: its end is `s_T`.

@@ -21,7 +21,7 @@ from .._solvers.jacobi import Jacobi
 from .._solvers.picard import Picard
 from .._solvers.quasi_deer import QuasiDEER
 from .._solvers.sequential import Sequential
-from .._solvers.shooting import MultipleShooting
+from .._solvers.shooting import coarse_problem, MultipleShooting
 from ._conditioning import Conditioning, conditioning_flat
 from ._hardware import Hardware, step_flops
 from ._lyapunov import qr_log_stretch, slice_inputs, trajectory_before
@@ -31,6 +31,7 @@ from ._predict import (
     extrapolate,
     factor,
     iteration_time,
+    shooting_time,
     SOLVER_NAMES,
     trial_solver,
 )
@@ -50,6 +51,22 @@ UNPREDICTABLE_GROWTH = 5.0
 
 # A chunk of multiple shooting should shrink perturbations by about e^-4: `4 / |LLE|` steps.
 SHOOTING_CONTRACTION = 4.0
+
+
+# The trial of multiple shooting runs on the first this many chunks of the sequence.
+SHOOTING_TRIAL_CHUNKS = 16
+
+
+def shooting_chunk(regime: str, lle: float, length: int) -> int | None:
+    """The chunk length for [`parassm.MultipleShooting`][] on a system that contracts
+    (LLE < 0) but on which the Newton-type trial crawls (regime `"marginal"`): `4 / |LLE|`
+    steps, so that a chunk shrinks perturbations by about $e^{-4}$, and at least
+    $\\sqrt{T}$. None otherwise, or where one chunk would be the whole sequence."""
+    if regime != "marginal" or not lle < -LLE_TOL:
+        return None
+    memory = math.ceil(SHOOTING_CONTRACTION / -lle)
+    chunk = max(MultipleShooting().chunk(length), memory)
+    return chunk if chunk < length else None
 
 
 def fast_limit(length: int) -> float:
@@ -222,18 +239,62 @@ def _trials_jit(f, s0, xs, length, settings, lle):
     return diagnose_flat(flatten(f, s0), xs, length, settings, lle)
 
 
-def diagnosis_arrays(f, s0, xs, length: int, settings: Settings) -> dict:
-    """Both stages of the diagnosis on a concrete problem (host side): the LLE, then
-    the trials on a prefix whose length depends on it (`Settings.trial_length`).
-    Returns the arrays of both stages and `proxy_length`; only the first stage's when
-    the trajectory is not finite (`finite` false)."""
+def shooting_flat(
+    flat: Flat,
+    xs: PyTree | None,
+    length: int,
+    chunk: int,
+    solver: AbstractParallelSolver,
+    max_trial_steps: int,
+) -> dict:
+    """The trial of [`parassm.MultipleShooting`][] with `solver` on the chunk ends and
+    chunks of `chunk` steps (traceable): the coarse recurrence of the first
+    `SHOOTING_TRIAL_CHUNKS` chunks, from the default guess, extrapolated to all
+    `K = ceil(length / chunk)` chunks as for any other trial (`extrapolate`).
+    `predicted`: coarse iterations for the whole problem; `proxy_steps`: those the
+    trial took (-1 if it did not converge); `proxy_chunks`: its number of chunks."""
+    dtype = flat.s0.dtype
+    coarse = coarse_problem(flat, xs, length, chunk)
+    n = min(coarse.length, SHOOTING_TRIAL_CHUNKS)
+    prefix = Flat(coarse.fn, flat.unravel, flat.s0)
+    xs_n = jtu.tree_map(lambda x: x[:n], coarse.xs)
+    trial = trial_solver(solver)
+    history, log_residual = converged_prefix_history(
+        trial, prefix, xs_n, n, min(max_trial_steps, n)
+    )
+    cal = calibrated(dtype)
+    predicted = extrapolate(
+        history, log_residual, n, coarse.length, cal["crawl_fraction"], factor(solver, dtype)
+    )
+    return dict(predicted=predicted, proxy_steps=steps_to_reach(history, n), proxy_chunks=n)
+
+
+@eqx.filter_jit
+def _shooting_jit(f, s0, xs, length, chunk, solver, max_trial_steps):
+    return shooting_flat(flatten(f, s0), xs, length, chunk, solver, max_trial_steps)
+
+
+def diagnosis_arrays(
+    f, s0, xs, length: int, settings: Settings, shooting: AbstractParallelSolver | None = None
+) -> dict:
+    """The stages of the diagnosis on a concrete problem (host side): the LLE, then
+    the trials on a prefix whose length depends on it (`Settings.trial_length`), then,
+    given the solver `shooting` runs on the chunk ends and where the regime calls for
+    multiple shooting (`shooting_chunk`), its trial (`shooting_flat`, under the key
+    `"shooting"` with `chunk`). Returns the arrays of the stages and `proxy_length`;
+    only the first stage's when the trajectory is not finite (`finite` false)."""
     first = _lyapunov_jit(f, s0, xs, length, settings.lle_steps)
     if not bool(first["finite"]):
         return dict(first, proxy_length=min(length, settings.proxy_length))
     Tp = settings.trial_length(float(first["lle"]), length)
     settings = dataclasses.replace(settings, proxy_length=Tp, max_proxy_length=Tp)
     second = _trials_jit(f, s0, xs, length, settings, first["lle"])
-    return dict(first, **second, proxy_length=Tp)
+    out = dict(first, **second, proxy_length=Tp, shooting=None)
+    chunk = shooting_chunk(REGIMES[int(second["regime"])], float(first["lle"]), length)
+    if shooting is not None and chunk is not None:
+        trial = _shooting_jit(f, s0, xs, length, chunk, shooting, settings.max_trial_steps)
+        out["shooting"] = dict(trial, chunk=chunk)
+    return out
 
 
 def _last(xs: PyTree | None) -> PyTree | None:
@@ -284,6 +345,14 @@ def choose(
     return best
 
 
+def shooting_pays(sequential: float, shooting: float, steps: int, chunks: int) -> bool:
+    """Whether [`parassm.MultipleShooting`][] is the choice where `choose` found none
+    (in the marginal regime, `shooting_chunk`): predicted `shooting` seconds at least
+    `MARGIN` cheaper than sequential, and not crawling (fewer than a quarter of its
+    `chunks` iterations)."""
+    return 4 * steps < chunks and shooting * MARGIN < sequential
+
+
 def _float(x) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
@@ -314,8 +383,12 @@ class Diagnosis(eqx.Module):
     - `proxy_length`: the length of that prefix.
     - `costs`: candidate name -> predicted time in units of one sequential step.
     - `recommended`: the solver to use (an instance; [`parassm.Sequential`][] when
-        parallel evaluation cannot pay). See also `shooting_chunk`, a suggestion for
-        contracting systems on which Newton's method crawls.
+        parallel evaluation cannot pay). On a system that contracts but on which
+        Newton's method crawls (`shooting_chunk`), [`parassm.MultipleShooting`][] with
+        that chunk where it is predicted to pay.
+    - `shooting_steps`: where `shooting_chunk` is set, the coarse iterations predicted
+        for multiple shooting with it (from its own trial on the first 16 chunks),
+        else None; its predicted time is `costs["MultipleShooting"]`.
     - `hardware`: the [`parassm.diagnostics.Hardware`][] model used.
     - `flops`: the floating-point operations of one step of `f` (the cost model's
         unit of work).
@@ -337,6 +410,7 @@ class Diagnosis(eqx.Module):
     hardware: Hardware
     dt: float | None = None
     flops: float = 1.0
+    shooting_steps: int | None = None
 
     @property
     def sigma_min_bounds(self) -> tuple[float, float]:
@@ -359,11 +433,7 @@ class Diagnosis(eqx.Module):
         chunk length for [`parassm.MultipleShooting`][], `4 / |LLE|` steps (a chunk
         then shrinks perturbations by about $e^{-4}$) and at least $\\sqrt{T}$.
         `None` otherwise, or where one chunk would be the whole sequence."""
-        if self.regime != "marginal" or not self.lle < -LLE_TOL:
-            return None
-        memory = math.ceil(SHOOTING_CONTRACTION / -self.lle)
-        chunk = max(MultipleShooting().chunk(self.length), memory)
-        return chunk if chunk < self.length else None
+        return shooting_chunk(self.regime, self.lle, self.length)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable summary (non-finite numbers become `None`); the schema
@@ -396,6 +466,7 @@ class Diagnosis(eqx.Module):
             recommendation=dict(
                 solver=self.recommended_name,
                 multiple_shooting_chunk=self.shooting_chunk,
+                multiple_shooting_steps=self.shooting_steps,
                 costs={k: _float(v) for k, v in self.costs.items()},
                 hardware=dict(
                     name=self.hardware.name,
@@ -425,6 +496,7 @@ def diagnose(
     proxy_length: int | None = None,
     lle_steps: int = 512,
     window: int = 16,
+    shooting: AbstractParallelSolver | None = DEER(),
 ) -> Diagnosis:
     r"""Will parallel evaluation of $s_t = f(s_{t-1}, x_t)$ converge in a few steps or
     crawl? Estimate it, before evaluating, from a cheap proxy, and recommend a solver.
@@ -446,7 +518,11 @@ def diagnose(
         ([`parassm.diagnostics.Hardware.detect`][]) and picks the cheapest solver,
         [`parassm.Sequential`][] unless parallel evaluation is predicted to be at least
         1.5x cheaper and the system is predictable (never when unpredictable or
-        marginal: periodic orbits, LLE about zero).
+        marginal: periodic orbits, LLE about zero);
+    5. where the system contracts but the trials crawl (regime marginal, LLE < 0: a
+        long memory), runs a trial of [`parassm.MultipleShooting`][] with chunks of
+        `shooting_chunk` steps on its first 16 chunks, and recommends it where it is
+        predicted to pay.
 
     Cost: `O(lle_steps)` sequential steps of `f` and its JVP, plus at most
     `max_trial_steps` parallel iterations per solver on the prefix: independent of `T`
@@ -470,6 +546,9 @@ def diagnose(
         proxy (default: 128, from the calibration, or longer for an LLE near zero; a
         value given here is used as is), of the LLE estimate and of the window of
         Jacobian products.
+    - `shooting`: Keyword only argument. The parallel solver multiple shooting would
+        run on the chunk ends (default [`parassm.DEER`][]); None never trials or
+        recommends multiple shooting.
 
     **Returns:**
 
@@ -489,8 +568,13 @@ def diagnose(
     if dt is not None and not dt > 0:
         raise ValueError(f"`dt` must be positive, got {dt}.")
     names, instances = as_solvers(solvers)
+    if shooting is not None and not isinstance(shooting, AbstractParallelSolver):
+        raise TypeError(
+            "`shooting` is the parallel solver multiple shooting runs on the chunk ends "
+            f"(e.g. `parassm.DEER()`) or None; got {shooting!r}."
+        )
     settings = default_settings(instances, proxy_length, lle_steps=lle_steps, window=window)
-    out = diagnosis_arrays(f, s0, xs, length, settings)
+    out = diagnosis_arrays(f, s0, xs, length, settings, shooting)
     if not bool(out["finite"]):
         raise ValueError(
             f"The trajectory of `f` from `s0` is not finite within its first "
@@ -507,7 +591,17 @@ def diagnose(
     steps = [int(k) for k in out["predicted"]]
     sequential, parallel = costs(instances, steps, size, flops, length, hardware)
     choice = choose(sequential, parallel, steps, regime, length)
+    recommended = Sequential() if choice is None else instances[choice]
     per_step = sequential / length
+    costs_ = dict(Sequential=float(length), **{n: c / per_step for n, c in zip(names, parallel)})
+    shooting_steps = None
+    if out["shooting"] is not None:
+        chunk = out["shooting"]["chunk"]
+        shooting_steps = int(out["shooting"]["predicted"])
+        cost = shooting_time(shooting, shooting_steps, chunk, size, flops, length, hardware)
+        costs_["MultipleShooting"] = cost / per_step
+        if choice is None and shooting_pays(sequential, cost, shooting_steps, -(-length // chunk)):
+            recommended = MultipleShooting(shooting, chunk_length=chunk)
     lle = float(out["lle"])
     cond = out["conditioning"]
     return Diagnosis(
@@ -522,11 +616,12 @@ def diagnose(
         predicted_steps=dict(zip(names, steps)),
         proxy_steps={n: int(k) for n, k in zip(names, out["proxy_steps"])},
         proxy_length=out["proxy_length"],
-        costs=dict(Sequential=float(length), **{n: c / per_step for n, c in zip(names, parallel)}),
-        recommended=Sequential() if choice is None else instances[choice],
+        costs=costs_,
+        recommended=recommended,
         hardware=hardware,
         dt=dt,
         flops=flops,
+        shooting_steps=shooting_steps,
     )
 
 
