@@ -229,12 +229,10 @@ class Auto(AbstractSolver):
         hardware, flops, size = self._measure(f, s0, xs, length)
         candidates = self.configured()
         ones = [1] * len(candidates)
+        # Multiple shooting is not costed here: it is only considered where the
+        # diagnosis finds the candidates crawling, and without the diagnosis' LLE its
+        # chunk (so its cost) is unknown.
         sequential, one_step = costs(candidates, ones, size, flops, length, hardware)
-        shooting = self.configured_shooting()
-        if shooting is not None:
-            chunk = MultipleShooting().chunk(length)
-            if chunk < length:
-                one_step.append(shooting_time(shooting, 1, chunk, size, flops, length, hardware))
         return min(one_step) * MARGIN >= sequential
 
     def _key(self, f, s0, xs, length):
