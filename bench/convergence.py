@@ -315,6 +315,14 @@ def main(argv=None):
                 ref = _sequential(system, xs, T)
                 scan_s = _best(lambda: _sequential(system, xs, T), args.repeats)
                 exponent = lle(system, xs, T)
+                # Auto decides once per case, on the default guess. Every case is
+                # diagnosed afresh: Auto caches decisions per signature (shapes, not
+                # values), and the zoo's systems of one kind differ only in values.
+                decided = {}
+                for sname, solver in solvers.items():
+                    if isinstance(solver, parassm.Auto):
+                        parassm._auto.clear_cache()
+                        decided[sname] = solver.decide(system.f, system.s0, T, xs=xs)
                 for guess in prof["guesses"]:
                     if (name, dtype_name, T, guess) in done:
                         continue
@@ -324,11 +332,7 @@ def main(argv=None):
                         t0 = time.perf_counter()
                         chosen = None
                         if isinstance(solver, parassm.Auto):
-                            # Every case is diagnosed afresh: Auto caches decisions per
-                            # signature (shapes, not values), and the zoo's systems of
-                            # one kind differ only in their parameters' values.
-                            parassm._auto.clear_cache()
-                            solver = solver.decide(system.f, system.s0, T, xs=xs)
+                            solver = decided[sname]
                             chosen = describe(solver)
                         cap = T if T <= 1000 else min(T, args.cap)
                         sol = _solve(system, solver, T, xs, init, cap)
