@@ -226,6 +226,28 @@ def test_trust_region_rule():
     )
     assert bool(accept) and float(step_size) == np.inf
     assert float(damping) == pytest.approx(tr.min_damping)
+    # The undamped step is judged by the merit alone, as DEER's: a decrease is taken
+    # even where one step got worse than the worst was (a damped step is not).
+    accept, _, _ = tr.update(
+        jnp.array(tr.min_damping), jnp.array(jnp.inf), _trial(1.0, 0.5, 0.0, 3, 4, trial_worst=2.0)
+    )
+    assert bool(accept)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_elk_follows_deer_on_a_periodic_orbit(dtype):
+    # The logistic map on its 4-cycle: DEER's Newton steps whose blown-up tail the loop
+    # restarted in phase converge it; ELK refused them with the worst-step test (one
+    # restarted step is worse than any of the sane iterate's) and crawled, over 300
+    # steps at T = 1e4 where DEER takes about 30. By default ELK takes DEER's steps.
+    system = parassm.systems.Logistic(r=3.4, x0=0.05, dtype=dtype)
+    T = 10_000
+    steps = {}
+    for solver in (parassm.DEER(), parassm.ELK()):
+        sol = parassm.evaluate(system.f, system.s0, T, solver=solver, max_steps=300, throw=False)
+        assert sol.result == parassm.RESULTS.successful, solver
+        steps[type(solver).__name__] = int(sol.stats["num_steps"])
+    assert steps["DEER"] <= 50 and steps["ELK"] <= 1.2 * steps["DEER"], steps
 
 
 def test_backtracking_rule():
