@@ -544,6 +544,8 @@ def _why(report: dict) -> str:
     if not parallel or "Sequential" not in costs:
         return ""
     best = min(parallel, key=lambda k: parallel[k])
+    if rec["solver"] in parallel:
+        best = rec["solver"]
     ratio = parallel[best] / costs["Sequential"]
     if rec["solver"] != "Sequential":
         return f"predicted {1 / ratio:.3g}x cheaper than sequential evaluation on {hardware}"

@@ -593,13 +593,13 @@ def diagnose(
     choice = choose(sequential, parallel, steps, regime, length)
     recommended = Sequential() if choice is None else instances[choice]
     per_step = sequential / length
-    costs_ = dict(Sequential=float(length), **{n: c / per_step for n, c in zip(names, parallel)})
+    cost_table = dict(Sequential=float(length), **{n: c / per_step for n, c in zip(names, parallel)})
     shooting_steps = None
     if out["shooting"] is not None:
         chunk = out["shooting"]["chunk"]
         shooting_steps = int(out["shooting"]["predicted"])
         cost = shooting_time(shooting, shooting_steps, chunk, size, flops, length, hardware)
-        costs_["MultipleShooting"] = cost / per_step
+        cost_table["MultipleShooting"] = cost / per_step
         if choice is None and shooting_pays(sequential, cost, shooting_steps, -(-length // chunk)):
             recommended = MultipleShooting(shooting, chunk_length=chunk)
     lle = float(out["lle"])
@@ -616,7 +616,7 @@ def diagnose(
         predicted_steps=dict(zip(names, steps)),
         proxy_steps={n: int(k) for n, k in zip(names, out["proxy_steps"])},
         proxy_length=out["proxy_length"],
-        costs=costs_,
+        costs=cost_table,
         recommended=recommended,
         hardware=hardware,
         dt=dt,
