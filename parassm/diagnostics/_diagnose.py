@@ -593,7 +593,9 @@ def diagnose(
     choice = choose(sequential, parallel, steps, regime, length)
     recommended = Sequential() if choice is None else instances[choice]
     per_step = sequential / length
-    cost_table = dict(Sequential=float(length), **{n: c / per_step for n, c in zip(names, parallel)})
+    cost_table = dict(
+        Sequential=float(length), **{n: c / per_step for n, c in zip(names, parallel)}
+    )
     shooting_steps = None
     if out["shooting"] is not None:
         chunk = out["shooting"]["chunk"]
