@@ -406,6 +406,13 @@ def _summary(rows):
         )
         for r in bad[:6]:
             print(f"      {r['case']} {r['dtype']} T={r['T']} {r['guess']}: {r['steps']}")
+        chosen = [r["chosen"] for r in rs if "chosen" in r]
+        if chosen:
+            kinds = sorted({c.split("(")[0] for c in chosen})
+            print(
+                "      chose: "
+                + ", ".join(f"{k} {sum(c.startswith(k) for c in chosen)}" for k in kinds)
+            )
     chaos = [r for r in rows if not r["predictable"]]
     dishonest = [r for r in chaos if r["successful"] and r["rel_err_vs_scan"] > 1e6]
     print(f"chaotic controls: {len(chaos)} rows, successful with absurd error: {len(dishonest)}")
