@@ -30,19 +30,17 @@ from ._solvers._parallel import AbstractParallelSolver
 from ._solvers.deer import DEER
 from ._solvers.quasi_deer import QuasiDEER
 from ._solvers.sequential import Sequential
-from ._solvers.shooting import MultipleShooting
 from .diagnostics._diagnose import (
     choose,
+    choose_shooting,
     costs,
     default_settings,
     diagnosis_arrays,
     MARGIN,
     problem_flops,
     REGIMES,
-    shooting_pays,
 )
 from .diagnostics._hardware import Hardware
-from .diagnostics._predict import shooting_time
 
 
 class Decision(NamedTuple):
@@ -287,9 +285,11 @@ class Auto(AbstractSolver):
         shooting = self.configured_shooting()
         if shooting is not None and decision.shooting is not None:
             chunk, steps = decision.shooting
-            cost = shooting_time(shooting, steps, chunk, size, flops, length, hardware)
-            if shooting_pays(sequential, cost, steps, -(-length // chunk)):
-                return len(candidates) + 1, MultipleShooting(shooting, chunk_length=chunk)
+            _, shooter = choose_shooting(
+                shooting, chunk, steps, sequential, size, flops, length, hardware
+            )
+            if shooter is not None:
+                return len(candidates) + 1, shooter
         return 0, Sequential()
 
     def decide(

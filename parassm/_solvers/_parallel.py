@@ -259,16 +259,18 @@ def safeguarded(
         def periodic(w):
             # Whether the last `2w` converged steps repeat with period `w`.
             recent, before = window[2 * n - w :], window[2 * n - 2 * w : 2 * n - w]
-            close = jnp.max(jnp.abs(recent - before)) <= PERIODIC_RTOL * scale
-            return (p >= 2 * w) & close, recent
+            return (p >= 2 * w) & (jnp.max(jnp.abs(recent - before)) <= PERIODIC_RTOL * scale)
 
         # The shortest period (a power of two) with which the converged prefix repeats:
-        # the tail repeats it, in phase; a constant prefix, or none: the last sane step.
+        # the tail repeats its last `w` steps, in phase (one gather from the window); a
+        # constant prefix, or none: the last sane step.
+        periods = [2**k for k in range(1, n.bit_length()) if 2 ** (k + 1) <= T]
         tail = jnp.broadcast_to(last_sane, S.shape)
-        for w in reversed([2**k for k in range(1, n.bit_length()) if 2 ** (k + 1) <= T]):
-            found, recent = periodic(w)
-            tail = jnp.where(found, recent[(times[:, 0] - p) % w], tail)
-        tail = jnp.where(periodic(1)[0], last_sane, tail)
+        if periods:
+            found = jnp.stack([periodic(w) for w in periods])
+            w = jnp.where(jnp.any(found), jnp.asarray(periods)[jnp.argmax(found)], 1)
+            repeated = window[2 * n - w + (times[:, 0] - p) % w]
+            tail = jnp.where(jnp.any(found) & ~periodic(1), repeated, tail)
         trial = jnp.where(times > last, tail, trial)
         # Every step up to `last` is finite but `p` (`f` there): entrywise.
         return jnp.where(jnp.isfinite(trial), trial, S)

@@ -345,12 +345,24 @@ def choose(
     return best
 
 
-def shooting_pays(sequential: float, shooting: float, steps: int, chunks: int) -> bool:
-    """Whether [`parassm.MultipleShooting`][] is the choice where `choose` found none
-    (in the marginal regime, `shooting_chunk`): predicted `shooting` seconds at least
-    `MARGIN` cheaper than sequential, and not crawling (fewer than a quarter of its
-    `chunks` iterations)."""
-    return 4 * steps < chunks and shooting * MARGIN < sequential
+def choose_shooting(
+    solver: AbstractParallelSolver,
+    chunk: int,
+    steps: int,
+    sequential: float,
+    size: int,
+    flops: float,
+    length: int,
+    hardware: Hardware,
+) -> tuple[float, MultipleShooting | None]:
+    """`(seconds, choice)` for [`parassm.MultipleShooting`][] with `solver` on the chunk
+    ends, chunks of `chunk` steps and `steps` predicted iterations: its predicted time
+    and, where it is the choice (in the marginal regime, where `choose` found none), the
+    solver; None unless it is at least `MARGIN` cheaper than sequential and not crawling
+    (fewer than a quarter of its chunks as iterations)."""
+    seconds = shooting_time(solver, steps, chunk, size, flops, length, hardware)
+    pays = 4 * steps < -(-length // chunk) and seconds * MARGIN < sequential
+    return seconds, MultipleShooting(solver, chunk_length=chunk) if pays else None
 
 
 def _float(x) -> float | None:
@@ -600,10 +612,12 @@ def diagnose(
     if out["shooting"] is not None:
         chunk = out["shooting"]["chunk"]
         shooting_steps = int(out["shooting"]["predicted"])
-        cost = shooting_time(shooting, shooting_steps, chunk, size, flops, length, hardware)
+        cost, shooter = choose_shooting(
+            shooting, chunk, shooting_steps, sequential, size, flops, length, hardware
+        )
         cost_table["MultipleShooting"] = cost / per_step
-        if choice is None and shooting_pays(sequential, cost, shooting_steps, -(-length // chunk)):
-            recommended = MultipleShooting(shooting, chunk_length=chunk)
+        if choice is None and shooter is not None:
+            recommended = shooter
     lle = float(out["lle"])
     cond = out["conditioning"]
     return Diagnosis(
