@@ -138,8 +138,10 @@ def test_long_memory_gets_multiple_shooting_on_a_wide_machine(dtype):
 
 def test_multiple_shooting_needs_a_trial_that_converges():
     # The period-2 logistic map: from a constant guess, chunks of an even number of
-    # steps land in the right phase and converge in one iteration, chunks of an odd
-    # number do not (about one chunk per iteration). Auto follows the trial, not a rule.
+    # steps land in the right phase and converge in one iteration. Chunks of an odd
+    # number alternate phase; a stalled loop restarts the chunk ends in phase with the
+    # converged ones, a few iterations (without that restart they crawled, about one
+    # chunk per iteration, and Auto, which follows the trial, did not shoot).
     system = S.Logistic(r=3.2, x0=0.3, dtype=jnp.float32)
     auto = parassm.Auto(hardware=GPU_LIKE)
     even = auto.decide(system.f, system.s0, 10_000)  # chunks of sqrt(T) = 100 steps
@@ -148,9 +150,23 @@ def test_multiple_shooting_needs_a_trial_that_converges():
     assert sol.result == parassm.RESULTS.successful and int(sol.stats["num_steps"]) <= 2
     # (A length of another power-of-two bucket, so that it is diagnosed afresh.)
     odd = auto.decide(system.f, system.s0, 3000)  # chunks of 55 steps
-    assert isinstance(odd, parassm.Sequential)
+    assert isinstance(odd, parassm.MultipleShooting) and odd.chunk_length == 55
     chunk, predicted = auto.diagnosis(system.f, system.s0, None, 3000).shooting
-    assert chunk == 55 and 4 * predicted >= 3000 // 55
+    assert chunk == 55 and 1 < predicted <= 10
+    sol = parassm.evaluate(system.f, system.s0, 3000, solver=odd)
+    assert sol.result == parassm.RESULTS.successful
+    assert int(sol.stats["num_steps"]) <= 2 * predicted + 2
+    ref = sequential(system.f, system.s0, None, 3000)
+    assert tree_max_abs_diff(sol.value, ref) < 1e-4
+
+    # A trial that crawls (a quarter of the chunks or more) is not chosen, however
+    # cheap each iteration is; one that converges and pays is.
+    from parassm.diagnostics._diagnose import choose_shooting
+
+    K = -(-3000 // 55)
+    args = (1.0, 1, 10.0, 3000, GPU_LIKE)
+    assert choose_shooting(parassm.DEER(), 55, K // 4 + 1, *args)[1] is None
+    assert choose_shooting(parassm.DEER(), 55, 2, *args)[1] == odd
 
 
 def test_candidates_are_instances_and_tolerances_propagate(monkeypatch):

@@ -213,16 +213,16 @@ def test_blown_up_tail_is_restarted(dtype, solver_type):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("r", [3.2, 3.4])
-def test_periodic_orbit_restarts_in_phase(r, dtype):
-    # The logistic map on its stable orbit of period 2 (r = 3.2) or 4 (r = 3.4): a
-    # constant tail carries no phase, and linearised at one Newton's step expands and
-    # blows up again (DEER took over 300 steps at T = 1e4 in float32, from the default
-    # and from a random guess). The blown-up tail restarts from the converged prefix
-    # repeated with a period of a power of two, in phase with the orbit. (Not every
-    # random guess: on one row of bench/convergence.py, r = 3.2 from s0 = 0.3, no step
-    # of a random guess blows up, nothing restarts, and the front still crawls.)
-    system = parassm.systems.Logistic(r=r, x0=0.1, dtype=dtype)
+@pytest.mark.parametrize("r, x0", [(3.2, 0.1), (3.2, 0.3), (3.4, 0.1)])
+def test_periodic_orbit_restarts_in_phase(r, x0, dtype):
+    # The logistic map on its stable orbit of period 2 (r = 3.2 and 3.4). From the
+    # default guess a constant tail carries no phase: linearised at one, Newton's step
+    # expands and blows up again, and the blown-up tail restarts from the converged
+    # prefix repeated in phase with the orbit (DEER took over 300 steps at T = 1e4 in
+    # float32 before). From a random guess nothing need blow up (r = 3.2 from 0.3): the
+    # front gained one step per iteration (300 steps, not converged) until a stalled
+    # loop restarted the tail in phase too.
+    system = parassm.systems.Logistic(r=r, x0=x0, dtype=dtype)
     T = 10_000
     ref = sequential(system.f, system.s0, None, T)
     tol = 1e-10 if dtype == jnp.float64 else 1e-4
@@ -230,12 +230,37 @@ def test_periodic_orbit_restarts_in_phase(r, dtype):
     uniform = jr.uniform(jr.split(jr.key(0), 1)[0], (T,), dtype)
     guesses = {"default": None, "random": uniform * (ref.max() - ref.min()) + ref.min()}
     for name, init in guesses.items():
-        sol = parassm.evaluate(
-            system.f, system.s0, T, solver=parassm.DEER(), init=init, max_steps=100, throw=False
-        )
-        assert sol.result == parassm.RESULTS.successful, name
-        assert int(sol.stats["num_steps"]) <= 50, (name, int(sol.stats["num_steps"]))
-        assert tree_max_abs_diff(sol.value, ref) < tol, name
+        for solver in (parassm.DEER(), parassm.ELK()):
+            sol = parassm.evaluate(
+                system.f, system.s0, T, solver=solver, init=init, max_steps=100, throw=False
+            )
+            assert sol.result == parassm.RESULTS.successful, (name, solver)
+            assert int(sol.stats["num_steps"]) <= 50, (name, solver, sol.stats["num_steps"])
+            assert tree_max_abs_diff(sol.value, ref) < tol, (name, solver)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_period_three_and_shooting_from_a_random_guess(dtype):
+    # The period-3 window of the logistic map (r = 3.83, LLE about -0.2): a period
+    # that is not a power of two. Multiple shooting's chunk ends crawled one chunk per
+    # iteration (55 of 55 chunks at T = 3000 with chunks of 55 steps); the stalled
+    # coarse loop now restarts them in phase. And multiple shooting from a random guess
+    # on the period-2 orbit: one chunk per iteration before (97-100 iterations at
+    # T = 1e4), a few now.
+    T = 3000
+    tol = 1e-10 if dtype == jnp.float64 else 1e-4
+    for r, init_kind, most in ((3.83, None, 12), (3.2, "random", 5)):
+        system = parassm.systems.Logistic(r=r, x0=0.3, dtype=dtype)
+        ref = sequential(system.f, system.s0, None, T)
+        init = None
+        if init_kind == "random":
+            uniform = jr.uniform(jr.key(1), (T,), dtype)
+            init = uniform * (ref.max() - ref.min()) + ref.min()
+        solver = parassm.MultipleShooting(chunk_length=55)
+        sol = parassm.evaluate(system.f, system.s0, T, solver=solver, init=init, throw=False)
+        assert sol.result == parassm.RESULTS.successful, r
+        assert int(sol.stats["num_steps"]) <= most, (r, sol.stats["num_steps"])
+        assert tree_max_abs_diff(sol.value, ref) < tol, r
 
 
 def test_the_restarted_tail_repeats_the_converged_prefix():
@@ -260,6 +285,35 @@ def test_the_restarted_tail_repeats_the_converged_prefix():
     ramp = jnp.linspace(0.0, 1.0, T)[:, None]
     out = safeguarded(ramp.at[p:].set(jnp.inf), ramp, sizes, trial, jnp.array(p), jnp.array(8))
     np.testing.assert_array_equal(out[8:], jnp.broadcast_to(trial[7], (T - 8, 1)))
+    # A period of three is found too.
+    orbit3 = jnp.tile(jnp.array([[0.2], [0.5], [0.9]]), (T, 1))[:T]
+    trial3 = orbit3.at[8:].set(1e30)
+    out = safeguarded(orbit3.at[p:].set(jnp.inf), orbit3, sizes, trial3, jnp.array(p), jnp.array(8))
+    np.testing.assert_array_equal(out, orbit3)
+
+
+def test_a_stalled_loop_restarts_a_tail_that_is_off_the_periodic_prefix():
+    from parassm._solvers._parallel import safeguarded
+
+    T, p = 20, 6
+    orbit = jnp.tile(jnp.array([[0.5], [0.8]]), (T // 2, 1))
+    S, fs, sizes = orbit.at[p:].set(0.6), orbit, jnp.ones(T)
+    off = orbit.at[p + 1 :].set(0.65)  # finite and sane: nothing blows up
+    never = jnp.array(T)
+    # Not stalled: the trial is kept (step p is f there).
+    out = safeguarded(S, fs, sizes, off, jnp.array(p), never)
+    np.testing.assert_array_equal(out, off.at[p].set(orbit[p]))
+    # Stalled: the tail follows the prefix's period, in phase.
+    out = safeguarded(S, fs, sizes, off, jnp.array(p), never, jnp.array(True))
+    np.testing.assert_array_equal(out, orbit)
+    # Stalled but on the extension already (within 10% of the size), or after a prefix
+    # that does not repeat: kept.
+    near = orbit.at[p + 1 :].add(0.01)
+    out = safeguarded(S, fs, sizes, near, jnp.array(p), never, jnp.array(True))
+    np.testing.assert_array_equal(out, near.at[p].set(orbit[p]))
+    ramp = jnp.linspace(0.0, 1.0, T)[:, None]
+    out = safeguarded(ramp.at[p:].set(0.6), ramp, sizes, off, jnp.array(p), never, True)
+    np.testing.assert_array_equal(out, ramp.at[p + 1 :].set(off[p + 1 :]))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])

@@ -49,7 +49,10 @@ point whatever the step is:
 - A blown-up tail restarts (`safeguarded`): from the first step where the accepted
   iterate's residual reaches the merit's cap, or where the trial is non-finite
   (overflow in the scan) or larger than `1 / sqrt(eps)` times the sane steps, the trial
-  repeats its last sane step. The step at `p` is `f` there, so progress continues.
+  repeats its last sane step, or the converged prefix in phase where it is periodic.
+  A stalled loop (the front advanced one step, the merit barely moved) restarts a
+  tail that is off a periodic prefix's extension the same way. The step at `p` is `f`
+  there, so progress continues.
 - A search that keeps rejecting trials is made to accept one after `max_trials` (every
   trial converges step `p`, so the bound holds).
 - If `f` itself returns NaN/Inf from the converged (finite) prefix, the trajectory is
@@ -185,11 +188,18 @@ def merit(err: Float[Array, " T"], rtol: float) -> Float[Array, ""]:
     return 0.5 * jnp.mean(capped * capped)
 
 
-# A blown-up tail restarts from the converged prefix repeated with a period of at most
-# this many steps (a power of two), where the prefix repeats with that period to this
-# fraction of its size (see `safeguarded`).
+# A blown-up (or stalled) tail restarts from the converged prefix repeated with a period
+# of at most this many steps, where the prefix repeats with that period to this fraction
+# of its size (see `safeguarded`). 1e-2 rather than tighter: on a slowly attracting
+# orbit (logistic r = 3.4, multiplier 0.76 per period) the phase is plain long before
+# the prefix repeats to 1e-3 (T = 1e4, float32: DEER 17-40 steps with 1e-3, 11-27).
 RESTART_PERIOD = 64
-PERIODIC_RTOL = 1e-3
+PERIODIC_RTOL = 1e-2
+# A stalled loop restarts a tail that is off the periodic prefix's extension by this
+# fraction of the prefix's size; a stall is an accepted step that advanced the front
+# by at most one step and kept at least this fraction of the merit (`newton_loop`).
+STALL_MISMATCH = 0.1
+STALL_MERIT_RATIO = 0.5
 
 
 def safeguarded(
@@ -199,6 +209,7 @@ def safeguarded(
     trial: Float[Array, "T D"],
     p: Array,
     blown: Array,
+    stalled: Bool[Array, ""] | bool = False,
 ) -> Float[Array, "T D"]:
     """`trial` with the loop's safeguards: the converged prefix stays frozen, step `p`
     becomes exactly `f(s_{p-1}, x_p)`, and the tail from the first blown-up step on is
@@ -218,15 +229,29 @@ def safeguarded(
 
     The restarted tail is the last sane step, repeated (the constant guess the default
     guess is), unless the converged prefix is periodic: if its last `2w` steps repeat
-    with period `w` (a power of two up to `RESTART_PERIOD`, the shortest that does, to
+    with period `w` (from 2 up to `RESTART_PERIOD`, the shortest that does, to
     `PERIODIC_RTOL` of their size), the tail repeats its last `w` steps, in phase.
     Why: on a periodic orbit (the period-doubling cascade of the logistic map: 2, 4,
     8, ...) a constant carries no phase; linearised at one, Newton's step expands and
     blows up again, and the front gained about one step per iteration (logistic map,
     r = 3.2 and 3.4, T = 1e4, float32: DEER over 300 steps from every guess). Repeating
     the prefix whatever it looks like would hurt elsewhere: a decaying oscillation
-    (Duffing, T = 1e3, float32: DEER 79 -> 222 steps) is better restarted constant. Only
-    unconverged steps change, so the front still advances at least one step.
+    (Duffing, T = 1e3, float32: DEER 79 -> 222 steps) is better restarted constant.
+
+    A `stalled` loop (the last accepted step advanced the front by at most one step
+    and left the merit nearly where it was; see `newton_loop`) restarts a tail that
+    did not blow up, too, where the converged prefix repeats with some period `w`
+    (one included: a fixed point) and the trial's next `RESTART_PERIOD` steps are off
+    its extension by more than `STALL_MISMATCH` of the prefix's size: the tail from
+    `p + 1` on then repeats the prefix, in phase. Why: from a guess whose phase is
+    wrong everywhere (a random guess on a periodic orbit) nothing blows up, yet the
+    linearisation at a wrong phase carries nothing beyond the front, which then
+    gains one step per iteration (logistic map, r = 3.2, T = 1e4: 300 steps and not
+    converged); and multiple shooting's chunk ends from such a guess do the same, one
+    chunk per iteration. A trial that follows the extension, and a loop that makes
+    progress, are left alone.
+
+    Only unconverged steps change, so the front still advances at least one step.
     """
     T = S.shape[0]
     times = jnp.arange(T)[:, None]
@@ -246,38 +271,53 @@ def safeguarded(
     def restart(trial):
         last = jnp.maximum(blown - 1, p)
         # The rows by masked reductions, not indexing (with time split over devices,
-        # one all-reduce rather than a gather): the last sane step, and the last `2n`
-        # converged steps, `window[j] = s_{p - 2n + j}` (zero before the first step).
+        # one all-reduce rather than a gather): the last sane step, and the rows of
+        # the trial from `2n` steps before `p` to `n` after it, `window[j] =
+        # s_{p - 2n + j}` (zero outside the sequence; before `p` the converged prefix).
         last_sane = jnp.sum(jnp.where(times == last, trial, 0), axis=0)
         n = RESTART_PERIOD
-        j = jnp.arange(2 * n)
+        j = jnp.arange(3 * n)
         pick = times == (p - 2 * n + j)[None, :]
-        finite = jnp.where(jnp.isfinite(S), S, 0)  # zero times inf would be NaN
+        finite = jnp.where(jnp.isfinite(trial), trial, 0)  # zero times inf would be NaN
         window = jnp.einsum("tj,td->jd", pick.astype(S.dtype), finite)
-        scale = jnp.max(jnp.abs(window)) + jnp.finfo(S.dtype).tiny
+        prefix, ahead = window[: 2 * n], window[2 * n :]
+        scale = jnp.max(jnp.abs(prefix)) + jnp.finfo(S.dtype).tiny
 
-        def periodic(w):
-            # Whether the last `2w` converged steps repeat with period `w`.
-            recent, before = window[2 * n - w :], window[2 * n - 2 * w : 2 * n - w]
-            return (p >= 2 * w) & (jnp.max(jnp.abs(recent - before)) <= PERIODIC_RTOL * scale)
+        def mismatch(w):
+            # How far the last `w` converged steps are off the `w` before them.
+            before = lax.dynamic_slice_in_dim(prefix, n - w, n)
+            rows = jnp.max(jnp.abs(prefix[n:] - before), axis=1)
+            return jnp.max(jnp.where(jnp.arange(n) >= n - w, rows, 0))
 
-        # The shortest period (a power of two) with which the converged prefix repeats:
-        # the tail repeats its last `w` steps, in phase (one gather from the window); a
-        # constant prefix, or none: the last sane step.
-        periods = [2**k for k in range(1, n.bit_length()) if 2 ** (k + 1) <= T]
-        tail = jnp.broadcast_to(last_sane, S.shape)
-        if periods:
-            found = jnp.stack([periodic(w) for w in periods])
-            w = jnp.where(jnp.any(found), jnp.asarray(periods)[jnp.argmax(found)], 1)
-            repeated = window[2 * n - w + (times[:, 0] - p) % w]
-            tail = jnp.where(jnp.any(found) & ~periodic(1), repeated, tail)
-        trial = jnp.where(times > last, tail, trial)
+        # The shortest period with which the last `2w` converged steps repeat, and the
+        # prefix's extension with it, in phase (one gather from the window).
+        periods = jnp.arange(1, n + 1)
+        found = (
+            (p >= 2 * periods)
+            & (2 * periods <= T)
+            & (lax.map(mismatch, periods) <= PERIODIC_RTOL * scale)
+        )
+        any_found = jnp.any(found)
+        w = jnp.where(any_found, periods[jnp.argmax(found)], 1)
+        extension = prefix[2 * n - w + (times[:, 0] - p) % w]
+        # Blown up: the tail after `last` repeats a period of at least two, or else
+        # the last sane step.
+        tail = jnp.where(any_found & (w > 1), extension, last_sane)
+        restarted = jnp.where(times > last, tail, trial)
+        # Stalled, nothing blown up: the tail after `p` follows the period (one
+        # included) if the trial's next steps are off it.
+        k = jnp.arange(n)
+        inside = (p + k < T)[:, None]
+        off = jnp.abs(ahead - prefix[2 * n - w + k % w]) > STALL_MISMATCH * scale
+        follow = stalled & (blown >= T) & any_found & jnp.any(inside & off)
+        restarted = jnp.where(follow, jnp.where(times > p, extension, trial), restarted)
+        restarted = jnp.where((blown < T) | follow, restarted, trial)
         # Every step up to `last` is finite but `p` (`f` there): entrywise.
-        return jnp.where(jnp.isfinite(trial), trial, S)
+        return jnp.where(jnp.isfinite(restarted), restarted, S)
 
-    # Nothing blown up (the common case): every step is finite and nothing changes,
-    # so the passes of the restart are skipped.
-    return lax.cond(blown < T, restart, lambda trial: trial, trial)
+    # Nothing blown up or stalled (the common case): every step is finite and nothing
+    # changes, so the passes of the restart are skipped.
+    return lax.cond((blown < T) | stalled, restart, lambda trial: trial, trial)
 
 
 class Trial(eqx.Module):
@@ -636,14 +676,21 @@ def newton_loop(
         sizes = keep(trial_sizes, state.sizes)
         # The first step whose residual is blown up (counted at the merit's cap).
         blown = first_true(~(err < merit_cap(dtype, rtol)))
+        # A stall: an accepted step that converged at most one more step and took
+        # less than half the merit off (see `safeguarded`).
+        stalled = (
+            accept
+            & ~first
+            & (front <= state.front + 1)
+            & (trial_merit >= STALL_MERIT_RATIO * old_merit)
+        )
 
-        def from_maps(transition):
+        def from_maps(transition, stalled):
             # The trial for the current step size from the maps at `S`, and the merit
             # the descent's linear model predicts for it.
             descent_state = descent.prepare(transition, S - fs, front)
-            trial = safeguarded(
-                S, fs, sizes, descent.step(descent_state, step_size, S, fs), front, blown
-            )
+            step = descent.step(descent_state, step_size, S, fs)
+            trial = safeguarded(S, fs, sizes, step, front, blown, stalled)
             if not search.uses_model:
                 return trial, inf
             model = descent.model_residual(descent_state, S - fs, trial - S)
@@ -651,7 +698,7 @@ def newton_loop(
 
         def accepted():
             transition, reused, formed = linearisation()
-            return from_maps(transition) + (reused, formed)
+            return from_maps(transition, stalled) + (reused, formed)
 
         def retried():
             # A rejected trial: another step size from the same iterate. The Jacobi
@@ -662,7 +709,7 @@ def newton_loop(
                 return safeguarded(S, fs, sizes, fs, front, blown), inf, state.reuse, jnp.array(0)
 
             def again():
-                return from_maps(maps(S, iteration)) + (state.reuse, jnp.array(1))
+                return from_maps(maps(S, iteration), False) + (state.reuse, jnp.array(1))
 
             return lax.cond(step_size == 0, jacobi, again)
 
