@@ -292,11 +292,14 @@ def test_trust_region_accepts_front_extending_steps():
 
 def test_trust_region_is_no_slower_than_backtracking_from_a_random_guess():
     # Two-well sampler, float64, T = 1e4, from a guess uniform in the box of the true
-    # trajectory. DEER (Newton, then Jacobi) converges in 55 iterations. With a damped
-    # retry between the Newton and the Jacobi step (`max_trials=3`, the old default)
-    # ELK took damped steps that lowered the merit over the unconverged tail, then
-    # crawled at one step per iteration (over 300). ELK's default trust region must not
-    # lose to DEER by more than 20%. (At T <= 5000 both take 10-12 from such guesses.)
+    # trajectory. With a damped retry between the Newton and the Jacobi step
+    # (`max_trials=3`, the old default) ELK took damped steps that lowered the merit
+    # over the unconverged tail, then crawled at one step per iteration (over 300).
+    # ELK's default trust region must not lose to DEER by more than 20%. And both must
+    # meet the target of 30: with the pure Jacobi step as the retry after a
+    # rejected Newton step they took 47 (36 iterations of one step each: the Newton
+    # steps, good near the front, were rejected for the merit over the tail); keeping
+    # the rejected trial where it cut the residual a hundredfold, 15 and 17.
     system = parassm.systems.TwoWellLangevin(dtype=jnp.float64)
     T = 10_000
     xs = system.inputs(T)
@@ -314,7 +317,9 @@ def test_trust_region_is_no_slower_than_backtracking_from_a_random_guess():
     assert deer.result == parassm.RESULTS.successful
     assert elk.result == parassm.RESULTS.successful
     assert int(elk.stats["num_steps"]) <= 1.2 * int(deer.stats["num_steps"])
+    assert int(deer.stats["num_steps"]) <= 30 and int(elk.stats["num_steps"]) <= 30
     assert tree_max_abs_diff(elk.value, ref) < 1e-8
+    assert tree_max_abs_diff(deer.value, ref) < 1e-8
 
 
 @pytest.mark.slow
