@@ -249,7 +249,7 @@ def test_period_three_and_shooting_from_a_random_guess(dtype):
     # T = 1e4), a few now.
     T = 3000
     tol = 1e-10 if dtype == jnp.float64 else 1e-4
-    for r, init_kind, most in ((3.83, None, 12), (3.2, "random", 5)):
+    for r, init_kind, most in ((3.83, None, 12), (3.2, "random", 10)):
         system = parassm.systems.Logistic(r=r, x0=0.3, dtype=dtype)
         ref = sequential(system.f, system.s0, None, T)
         init = None

@@ -256,7 +256,8 @@ def safeguarded(
     A `stalled` loop (the last accepted step advanced the front by at most one step
     and left the merit nearly where it was; see `newton_loop`) restarts a tail that
     did not blow up, too, where the converged prefix repeats with some period `w`
-    (one included: a fixed point) and the trial's next `RESTART_PERIOD` steps are off
+    (one included: a fixed point) over its last `max(2w, STALL_REPEATS)` steps (at
+    most an eighth of the sequence) and the trial's next `RESTART_PERIOD` steps are off
     its extension by more than `STALL_MISMATCH` of the prefix's size: the tail from
     `p + 1` on then repeats the prefix, in phase. Why: from a guess whose phase is
     wrong everywhere (a random guess on a periodic orbit) nothing blows up, yet the
@@ -299,26 +300,29 @@ def safeguarded(
         scale = jnp.max(jnp.abs(prefix)) + jnp.finfo(S.dtype).tiny
 
         def deviations(w):
-            # How far the last `2w`, and the last `max(2w, STALL_REPEATS)`, converged
-            # steps are off the prefix's last `w` steps repeated backwards.
+            # How far the last `2w`, and the last `max(2w, repeats)`, converged steps
+            # are off the prefix's last `w` steps repeated backwards.
             i = jnp.arange(2 * n)
             rows = jnp.max(jnp.abs(prefix - prefix[2 * n - w + jnp.mod(i - 2 * n, w)]), axis=1)
 
             def over_last(m):
                 return jnp.max(jnp.where(i >= 2 * n - m, rows, 0))
 
-            return over_last(2 * w), over_last(jnp.maximum(2 * w, STALL_REPEATS))
+            return over_last(2 * w), over_last(jnp.maximum(2 * w, repeats))
 
         # The shortest period with which the converged prefix repeats: over its last two
         # periods after a blow-up, over at least `STALL_REPEATS` steps after a stall
         # (two steps of a smooth flow integrated with a small step look alike). The
         # tail repeats the last period, in phase (one gather from the window).
+        # (Over at most an eighth of the sequence: a step of multiple shooting's coarse
+        # problem is a whole chunk, and it has about sqrt(T) of them.)
+        repeats = min(STALL_REPEATS, max(T // 8, 1))
         periods = jnp.arange(1, n + 1)
         two, many = lax.map(deviations, periods)
         tol = PERIODIC_RTOL * scale
         fits = (p >= 2 * periods) & (2 * periods <= T)
         found_blown = fits & (two <= tol)
-        found_stall = fits & (p >= STALL_REPEATS) & (many <= tol)
+        found_stall = fits & (p >= repeats) & (many <= tol)
         found = jnp.where(blown < T, found_blown, found_stall)
         any_found = jnp.any(found)
         w = jnp.where(any_found, periods[jnp.argmax(found)], 1)
