@@ -327,18 +327,18 @@ def safeguarded(
         any_found = jnp.any(found)
         w = jnp.where(any_found, periods[jnp.argmax(found)], 1)
         extension = prefix[2 * n - w + (times[:, 0] - p) % w]
-        # Blown up: the tail after `last` repeats a period of at least two, or else
-        # the last sane step.
-        tail = jnp.where(any_found & (w > 1), extension, last_sane)
-        restarted = jnp.where(times > last, tail, trial)
-        # Stalled, nothing blown up: the tail after `p` follows the period (one
-        # included) if the trial's next steps are off it.
+        # Stalled, nothing blown up: follow the period (one included) if the trial's
+        # next steps are off it.
         k = jnp.arange(n)
         inside = (p + k < T)[:, None]
         off = jnp.abs(ahead - prefix[2 * n - w + k % w]) > STALL_MISMATCH * scale
         follow = stalled & (blown >= T) & any_found & jnp.any(inside & off)
-        restarted = jnp.where(follow, jnp.where(times > p, extension, trial), restarted)
-        restarted = jnp.where((blown < T) | follow, restarted, trial)
+        # The tail after `last` (blown up) or after `p` (followed) repeats the period,
+        # or after a blow-up without a period of two or more, the last sane step;
+        # otherwise nothing changes.
+        tail = jnp.where(any_found & ((w > 1) | follow), extension, last_sane)
+        start = jnp.where(follow, p, jnp.where(blown < T, last, T))
+        restarted = jnp.where(times > start, tail, trial)
         # Every step up to `last` is finite but `p` (`f` there): entrywise.
         return jnp.where(jnp.isfinite(restarted), restarted, S)
 
