@@ -112,8 +112,8 @@ def test_bistable_tanh_is_now_fast_and_predicted_so():
     # crawled here (over T / 4 iterations from the default guess), and this test
     # asserted that the diagnosis caught it. Since a stalled loop restarts its tail
     # from a constant converged prefix, DEER converges in under 30; the diagnosis must
-    # now say so, not promise a crawl. (That the trial catches a crawl is tested on the
-    # pendulum: `test_long_memory_is_recommended_multiple_shooting_from_its_own_trial`.)
+    # now say so, not promise a crawl. (That the trial catches a crawl is tested in
+    # `test_a_crawl_is_recommended_multiple_shooting_from_its_own_trial`.)
     system = S.TanhRNN(a=10.0)
     d, xs = _diagnose(system, GPU_LIKE)
     assert d.lle < 0
@@ -230,30 +230,51 @@ def test_weakly_damped_flow_is_predicted_from_a_longer_prefix(dtype):
     assert isinstance(d.recommended, parassm.Sequential)
 
 
-def test_long_memory_is_recommended_multiple_shooting_from_its_own_trial():
-    # The pendulum at T = 1e4: DEER is predicted to crawl, so the regime is marginal;
-    # multiple shooting with chunks of about 4 / |LLE| steps is trialled on its first
-    # 16 chunks, predicted to converge in a few iterations, and recommended on a wide
-    # machine. The prediction holds.
-    T, s0 = 10_000, jnp.array([2.0, 0.0])
-    d = parassm.diagnose(pendulum, s0, T, solvers=("DEER",), hardware=GPU_LIKE)
+def test_a_crawl_is_recommended_multiple_shooting_from_its_own_trial():
+    # The logistic map at r = 3.83 (a 3-cycle, LLE about -0.2 on it) from 0.3, T = 1e4:
+    # a long transient before the cycle, through which DEER's front crawls (58 steps),
+    # and its trial on a prefix crawls too, so the regime is marginal; multiple
+    # shooting is trialled on its first 16 chunks, predicted to converge in a few
+    # iterations, and recommended on a wide machine. The prediction holds. (This was
+    # the damped pendulum, until a crawling loop restarted its tail: DEER takes 18
+    # there now, and the diagnosis predicts 16 and recommends DEER.)
+    system, T = S.Logistic(r=3.83, x0=0.3), 10_000
+    logistic, s0 = system.f, system.s0
+    d = parassm.diagnose(logistic, s0, T, solvers=("DEER",), hardware=GPU_LIKE)
+    assert d.lle < 0
     assert d.regime == "marginal" and d.predicted_steps["DEER"] > 50
     chunk = d.shooting_chunk
     assert isinstance(d.recommended, parassm.MultipleShooting)
     assert d.recommended == parassm.MultipleShooting(parassm.DEER(), chunk_length=chunk)
     assert d.costs["MultipleShooting"] * 1.5 < d.costs["Sequential"]
     assert d.to_dict()["recommendation"]["multiple_shooting_steps"] == d.shooting_steps
-    sol = parassm.evaluate(pendulum, s0, T, solver=d.recommended)
+    sol = parassm.evaluate(logistic, s0, T, solver=d.recommended)
     measured = int(sol.stats["num_steps"])
     assert sol.result == parassm.RESULTS.successful
     assert measured <= 2 * d.shooting_steps + 2 and d.shooting_steps <= 2 * measured + 2
+    np.testing.assert_allclose(sol.value, sequential(logistic, s0, length=T), atol=1e-6)
     # Asked not to: no trial, no cost, Sequential.
-    d = parassm.diagnose(pendulum, s0, T, solvers=("DEER",), hardware=GPU_LIKE, shooting=None)
+    d = parassm.diagnose(logistic, s0, T, solvers=("DEER",), hardware=GPU_LIKE, shooting=None)
     assert d.shooting_steps is None and "MultipleShooting" not in d.costs
     assert isinstance(d.recommended, parassm.Sequential)
     assert d.shooting_chunk == chunk  # the suggestion stays
     with pytest.raises(TypeError, match="chunk ends"):
-        parassm.diagnose(pendulum, s0, T, shooting="DEER")
+        parassm.diagnose(logistic, s0, T, shooting="DEER")
+
+
+def test_damped_pendulum_is_predicted_fast_on_a_wide_machine():
+    # The pendulum at T = 1e4 (memory about 80 steps): DEER once crawled here (about 250
+    # steps; the diagnosis said marginal and recommended multiple shooting). Since a
+    # crawling loop restarts its tail, DEER converges in under 30, the trial on a
+    # 1024-step prefix predicts as much, and a wide machine is recommended DEER.
+    T, s0 = 10_000, jnp.array([2.0, 0.0])
+    d = parassm.diagnose(pendulum, s0, T, solvers=("DEER",), hardware=GPU_LIKE)
+    assert d.regime == "predictable" and d.predicted_steps["DEER"] <= 30
+    assert d.recommended == parassm.DEER()
+    sol = parassm.evaluate(pendulum, s0, T, solver=parassm.DEER())
+    assert sol.result == parassm.RESULTS.successful
+    measured = int(sol.stats["num_steps"])
+    assert 0.5 <= d.predicted_steps["DEER"] / measured <= 2.0
 
 
 def test_a_loop_scan_machine_costs_the_solve_as_sequential_steps():

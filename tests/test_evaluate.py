@@ -11,7 +11,7 @@ import parassm
 import pytest
 from hypothesis import given
 
-from .helpers import random_contraction, scaled_residual, sequential, tree_max_abs_diff
+from .helpers import pendulum, random_contraction, scaled_residual, sequential, tree_max_abs_diff
 
 
 PARALLEL = [
@@ -322,6 +322,56 @@ def test_a_stalled_loop_restarts_a_tail_that_is_off_the_periodic_prefix():
     ramp = jnp.linspace(0.0, 1.0, T)[:, None]
     out = safeguarded(ramp.at[p:].set(0.6), ramp, sizes, off, jnp.array(p), never, True)
     np.testing.assert_array_equal(out, ramp.at[p + 1 :].set(off[p + 1 :]))
+
+
+def test_a_crawling_loop_restarts_a_tail_at_rest_where_that_lowers_the_merit():
+    from parassm._solvers._parallel import safeguarded
+
+    # Swings of size 1, then (from step 100) a small oscillation that does not repeat
+    # with any period of up to 64 steps to 1%: at rest, measured by the size of the
+    # trajectory, but not periodic.
+    T, p = 300, 250
+    t = jnp.arange(T, dtype=float)
+    prefix = jnp.where(t < 100, jnp.cos(0.7 * t), 1e-4 * jnp.cos(0.7 * t))[:, None]
+    S, fs, sizes = prefix.at[p:].set(5.0), prefix, jnp.ones(T)
+    garbage = prefix.at[p + 1 :].set(jnp.linspace(1.0, 3.0, T - p - 1)[:, None])
+    never = jnp.array(T)
+    kept = garbage.at[p].set(prefix[p])
+    # The candidate: the trial with step `p` repeated after `p`.
+    restarted = prefix.at[p + 1 :].set(prefix[p])
+
+    def is_candidate(candidate):  # "it lowers the merit" for exactly that candidate
+        return jnp.all(candidate == restarted)
+
+    def run(sizes, crawled, lowers):
+        return safeguarded(S, fs, sizes, garbage, jnp.array(p), never, False, crawled, lowers)
+
+    # Not crawling: kept.
+    np.testing.assert_array_equal(run(sizes, False, is_candidate), kept)
+    # Crawling: restarted where the candidate lowers the merit over the tail, ...
+    np.testing.assert_array_equal(run(sizes, True, is_candidate), restarted)
+    # ... kept where it does not, ...
+    np.testing.assert_array_equal(run(sizes, True, lambda c: jnp.array(False)), kept)
+    # ... and where the prefix is not at rest (the same steps, in a trajectory whose
+    # size is theirs).
+    np.testing.assert_array_equal(run(1e-4 * sizes, True, is_candidate), kept)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("solver", [parassm.DEER(), parassm.ELK()], ids=IDS)
+def test_damped_pendulum_does_not_crawl(solver, dtype):
+    # Released at 2 rad, the pendulum swings down to rest. Linearised at the constant
+    # guess (past 90 degrees: unstable), the Newton iterates beyond the front spin over
+    # the top, and each step converged about 35 more steps (T = 1e4: 256 steps in
+    # float32, 257 in float64). Where a crawling loop's tail restarted from the front
+    # (here: nearly at rest) has the lower merit, it is taken.
+    s0, T = jnp.array([2.0, 0.0], dtype), 10_000
+    sol = parassm.evaluate(pendulum, s0, T, solver=solver, max_steps=100, throw=False)
+    assert sol.result == parassm.RESULTS.successful
+    assert int(sol.stats["num_steps"]) <= 30
+    ref = sequential(pendulum, s0, length=T)
+    tol = 1e-8 if dtype == jnp.float64 else 1e-3
+    assert tree_max_abs_diff(sol.value, ref) < tol
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])

@@ -215,6 +215,22 @@ STALL_REPEATS = 16
 # kept poorer steps on a damped flow (Duffing, T = 1e4, float32: 19 -> 47; with this
 # one, 25).
 JACOBI_KEEP = 1e-2
+# A crawling loop (an accepted step that took less than half the merit off) restarts
+# the tail after the converged front, where the prefix is periodic (as above) or at
+# rest (its last `RESTART_PERIOD` steps within `CRAWL_REST` of the size of the
+# trajectory from step `p`), from the period or from step `p` repeated, if that cuts
+# the merit over the tail to `CRAWL_RATIO` or less (tenfold smaller scaled residuals,
+# in the mean square). Why: beyond the front, the iterates of a weakly damped flow
+# wind through other equilibria (the damped pendulum spins over the top), and each
+# step converged some 35 more steps (T = 1e4: 256 iterations in float32) while the
+# front itself had come to rest; restarted at rest, the tail converged in a few
+# (15 in all). Both tests matter. Half the merit restarted tails only a little worse
+# than a constant, and threw Newton's progress away (mean-field RNN, g = 2, D = 8,
+# float64, LLE -0.004, T = 1e3: 175 -> 470). Without the rest test, a constant near
+# the unstable fixed point of the logistic map at r = 3.83 cut the merit a
+# hundred-thousandfold and sent the loop back (float32, T = 2000: 100 -> 186).
+CRAWL_RATIO = 1e-2
+CRAWL_REST = 1e-2
 
 
 def safeguarded(
@@ -225,6 +241,8 @@ def safeguarded(
     p: Array,
     blown: Array,
     stalled: Bool[Array, ""] | bool = False,
+    crawled: Bool[Array, ""] | bool = False,
+    lowers: Callable[[Float[Array, "T D"]], Bool[Array, ""]] | None = None,
 ) -> Float[Array, "T D"]:
     """`trial` with the loop's safeguards: the converged prefix stays frozen, step `p`
     becomes exactly `f(s_{p-1}, x_p)`, and the tail from the first blown-up step on is
@@ -266,6 +284,17 @@ def safeguarded(
     converged); and multiple shooting's chunk ends from such a guess do the same, one
     chunk per iteration. A trial that follows the extension, and a loop that makes
     progress, are left alone.
+
+    A `crawled` loop (an accepted step that took less than half the merit off; a
+    stall is one) where nothing blew up and the stall restart did not apply restarts
+    the tail after `p` from the prefix's period found as above, or, where the prefix
+    is at rest (`CRAWL_REST`), from step `p` repeated, if `lowers` says that this
+    cuts the merit over the tail enough (`CRAWL_RATIO`; one more evaluation of `f`, on
+    such steps only). Why: beyond the front, the iterates of a weakly damped flow can
+    wind through other equilibria (the damped pendulum spins over the top), and each
+    step then converges only the few dozen steps the linearisation at the front
+    carries (T = 1e4: DEER about 250 iterations); its front has come to rest, and
+    from there the tail converges at once.
 
     Only unconverged steps change, so the front still advances at least one step.
     """
@@ -333,18 +362,34 @@ def safeguarded(
         inside = (p + k < T)[:, None]
         off = jnp.abs(ahead - prefix[2 * n - w + k % w]) > STALL_MISMATCH * scale
         follow = stalled & (blown >= T) & any_found & jnp.any(inside & off)
+        # Crawling, nothing blown up, not followed: the tail after `p` repeats the
+        # period (one included), or else step `p`, if that lowers the merit over it.
+        # At rest: the last `n` converged steps are within `CRAWL_REST` of the size of
+        # the converged prefix from step `p` (`ahead[0]`).
+        prefix_size = jnp.max(jnp.where(times[:, 0] < p, sizes, 0))
+        moved = jnp.max(jnp.abs(prefix[n:] - ahead[:1]))
+        at_rest = (p >= n) & (moved <= CRAWL_REST * prefix_size)
+        guess = jnp.where(any_found, extension, ahead[0])
+        lower = jnp.array(False)
+        if lowers is not None:
+            lower = lax.cond(
+                crawled & (blown >= T) & ~follow & (any_found | at_rest),
+                lambda: lowers(jnp.where(times > p, guess, trial)),
+                lambda: lower,
+            )
         # The tail after `last` (blown up) or after `p` (followed) repeats the period,
         # or after a blow-up without a period of two or more, the last sane step;
         # otherwise nothing changes.
         tail = jnp.where(any_found & ((w > 1) | follow), extension, last_sane)
-        start = jnp.where(follow, p, jnp.where(blown < T, last, T))
+        tail = jnp.where(lower, guess, tail)
+        start = jnp.where(follow | lower, p, jnp.where(blown < T, last, T))
         restarted = jnp.where(times > start, tail, trial)
         # Every step up to `last` is finite but `p` (`f` there): entrywise.
         return jnp.where(jnp.isfinite(restarted), restarted, S)
 
-    # Nothing blown up or stalled (the common case): every step is finite and nothing
-    # changes, so the passes of the restart are skipped.
-    return lax.cond((blown < T) | stalled, restart, lambda trial: trial, trial)
+    # Nothing blown up, nothing crawling (the common case): every step is finite and
+    # nothing changes, so the passes of the restart are skipped.
+    return lax.cond((blown < T) | stalled | crawled, restart, lambda trial: trial, trial)
 
 
 class Trial(eqx.Module):
@@ -703,21 +748,30 @@ def newton_loop(
         sizes = keep(trial_sizes, state.sizes)
         # The first step whose residual is blown up (counted at the merit's cap).
         blown = first_true(~(err < merit_cap(dtype, rtol)))
-        # A stall: an accepted step that converged at most one more step and took
-        # less than half the merit off (see `safeguarded`).
-        stalled = (
-            accept
-            & ~first
-            & (front <= state.front + 1)
-            & (trial_merit >= STALL_MERIT_RATIO * old_merit)
-        )
+        # A crawl: an accepted step that took less than half the merit off; a stall: a
+        # crawl that converged at most one more step (see `safeguarded`).
+        crawled = accept & ~first & (trial_merit >= STALL_MERIT_RATIO * old_merit)
+        stalled = crawled & (front <= state.front + 1)
+        cap = jnp.asarray(merit_cap(dtype, rtol), dtype)
 
-        def from_maps(transition, stalled):
+        def lowers(candidate):
+            # Whether `candidate` (the trial with its tail after `front` restarted) has
+            # at most `CRAWL_RATIO` of the merit of `S` over that tail.
+            after = jnp.arange(T) > front
+            new = jnp.max(jnp.abs(candidate - problem.evaluate(candidate)), axis=1) / tol
+
+            def over_tail(e):
+                e = jnp.minimum(jnp.where(jnp.isnan(e), jnp.inf, e), cap)
+                return jnp.sum(jnp.where(after, e * e, 0))
+
+            return over_tail(new) <= CRAWL_RATIO * over_tail(err)
+
+        def from_maps(transition, stalled, crawled):
             # The trial for the current step size from the maps at `S`, and the merit
             # the descent's linear model predicts for it.
             descent_state = descent.prepare(transition, S - fs, front)
             step = descent.step(descent_state, step_size, S, fs)
-            trial = safeguarded(S, fs, sizes, step, front, blown, stalled)
+            trial = safeguarded(S, fs, sizes, step, front, blown, stalled, crawled, lowers)
             if not search.uses_model:
                 return trial, inf
             model = descent.model_residual(descent_state, S - fs, trial - S)
@@ -725,7 +779,7 @@ def newton_loop(
 
         def accepted():
             transition, reused, formed = linearisation()
-            return from_maps(transition, stalled) + (reused, formed)
+            return from_maps(transition, stalled, crawled) + (reused, formed)
 
         def retried():
             # A rejected trial: another step size from the same iterate. The Jacobi
@@ -743,7 +797,7 @@ def newton_loop(
                 return safeguarded(S, fs, sizes, step, front, blown), inf, state.reuse, jnp.array(0)
 
             def again():
-                return from_maps(maps(S, iteration), False) + (state.reuse, jnp.array(1))
+                return from_maps(maps(S, iteration), False, False) + (state.reuse, jnp.array(1))
 
             return lax.cond(step_size == 0, jacobi, again)
 
