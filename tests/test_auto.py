@@ -103,37 +103,54 @@ def test_periodic_and_chaotic_get_sequential():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_long_memory_gets_multiple_shooting_on_a_wide_machine(dtype):
-    # The pendulum contracts (LLE about -0.011) but DEER crawls on it (over 100 steps at
-    # T = 1e4): on a wide machine Auto shoots, with chunks of about 4 / |LLE| steps,
-    # and the trial's prediction of a few coarse iterations holds.
-    T, s0 = 10_000, jnp.array([2.0, 0.0], dtype)
+def test_a_crawl_gets_multiple_shooting_on_a_wide_machine(dtype):
+    # The logistic map at r = 3.83 from 0.3 contracts on its 3-cycle (LLE about -0.2),
+    # but DEER crawls through the long transient before it (58-100 steps at T = 1e4):
+    # on a wide machine Auto shoots, with chunks of `sqrt(T)` steps (more than
+    # 4 / |LLE|), and the trial's prediction of a few coarse iterations holds. (This
+    # was the damped pendulum, with chunks of about 4 / |LLE| = 370 steps, until a
+    # crawling loop restarted its tail: DEER takes 5-17 there now, and Auto runs it.)
+    system, T = S.Logistic(r=3.83, x0=0.3, dtype=dtype), 10_000
+    f, s0 = system.f, system.s0
     auto = parassm.Auto(hardware=GPU_LIKE)
-    chosen = auto.decide(pendulum, s0, T)
+    chosen = auto.decide(f, s0, T)
     assert isinstance(chosen, parassm.MultipleShooting), chosen
     assert chosen.solver == parassm.DEER()
-    assert 200 <= chosen.chunk_length <= 800
-    decision = auto.diagnosis(pendulum, s0, None, T)
+    assert chosen.chunk_length == parassm.MultipleShooting().chunk(T)
+    decision = auto.diagnosis(f, s0, None, T)
     assert decision.regime == "marginal" and decision.shooting[0] == chosen.chunk_length
-    sol = parassm.evaluate(pendulum, s0, T, solver=auto)
+    sol = parassm.evaluate(f, s0, T, solver=auto)
     assert int(sol.stats["solver"]) == len(auto.candidates) + 1
     assert sol.result == parassm.RESULTS.successful
     measured = int(sol.stats["num_steps"])
     assert measured <= 2 * decision.shooting[1] + 2, (decision.shooting, measured)
-    ref = sequential(pendulum, s0, length=T)
-    assert tree_max_abs_diff(sol.value, ref) < (1e-4 if dtype == jnp.float32 else 1e-9)
+    ref = sequential(f, s0, length=T)
+    tol = 1e-4 if dtype == jnp.float32 else 1e-9
+    assert tree_max_abs_diff(sol.value, ref) < tol
     # Inside `jit`, the cached decision; gradients by the implicit adjoint, as for any
     # solver.
-    jitted = jax.jit(lambda s: parassm.evaluate(pendulum, s, T, solver=auto).value[-1])
-    assert tree_max_abs_diff(jitted(s0), ref[-1]) < (1e-4 if dtype == jnp.float32 else 1e-9)
+    jitted = jax.jit(lambda s: parassm.evaluate(f, s, T, solver=auto).value[-1])
+    assert tree_max_abs_diff(jitted(s0), ref[-1]) < tol
     if dtype == jnp.float64:
-        grad = jax.grad(lambda s: parassm.evaluate(pendulum, s, T, solver=auto).value[-1, 0])
-        expected = jax.grad(lambda s: sequential(pendulum, s, length=T)[-1, 0])
+        grad = jax.grad(lambda s: parassm.evaluate(f, s, T, solver=auto).value[-1])
+        expected = jax.grad(lambda s: sequential(f, s, length=T)[-1])
         np.testing.assert_allclose(grad(s0), expected(s0), rtol=1e-6, atol=1e-10)
     # Without multiple shooting, or on a narrow machine: Sequential.
     no_shooting = parassm.Auto(hardware=GPU_LIKE, shooting=None)
-    assert isinstance(no_shooting.decide(pendulum, s0, T), parassm.Sequential)
-    assert isinstance(parassm.Auto(hardware=CPU).decide(pendulum, s0, T), parassm.Sequential)
+    assert isinstance(no_shooting.decide(f, s0, T), parassm.Sequential)
+    assert isinstance(parassm.Auto(hardware=CPU).decide(f, s0, T), parassm.Sequential)
+
+
+def test_damped_pendulum_gets_deer_on_a_wide_machine():
+    # The long memory that once needed multiple shooting (DEER about 250 steps at T =
+    # 1e4): Auto now runs DEER, in under 30 steps.
+    T, s0 = 10_000, jnp.array([2.0, 0.0])
+    auto = parassm.Auto(hardware=GPU_LIKE)
+    assert auto.decide(pendulum, s0, T) == parassm.DEER()
+    sol = parassm.evaluate(pendulum, s0, T, solver=auto)
+    assert sol.result == parassm.RESULTS.successful
+    assert int(sol.stats["num_steps"]) <= 30
+    assert tree_max_abs_diff(sol.value, sequential(pendulum, s0, length=T)) < 1e-9
 
 
 def test_multiple_shooting_needs_a_trial_that_converges():

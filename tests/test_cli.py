@@ -211,6 +211,9 @@ def settings_factory(T, *, dtype, key, a=0.5):
 def system_factory():
     return parassm.systems.Logistic(r=4.0)
 
+def cycle_of_three():
+    return parassm.systems.Logistic(r=3.83, x0=0.3)
+
 def needs_b(b):
     return None
 
@@ -225,20 +228,6 @@ def bad_shape():
 
 def broken():
     raise RuntimeError("boom")
-
-def pendulum():
-    # A weakly damped pendulum, one RK4 step of 0.05: contracts, but DEER crawls on it.
-    def field(s):
-        return jnp.stack([s[1], -jnp.sin(s[0]) - 0.5 * s[1]])
-
-    def f(s, x):
-        k1 = field(s)
-        k2 = field(s + 0.025 * k1)
-        k3 = field(s + 0.025 * k2)
-        k4 = field(s + 0.05 * k3)
-        return s + 0.05 / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-
-    return f, jnp.array([2.0, 0.0]), None
 
 not_callable = 5
 """
@@ -574,14 +563,16 @@ def test_demo_table_marks_stopped_solvers(capsys):
     assert "stopped" in out and "Verdict: use" in out.strip().splitlines()[-1]
 
 
-def test_a_long_memory_gets_a_chunk_and_its_trial(capsys, model):
-    # Marginal but contracting: the report gives a chunk for multiple shooting and the
-    # coarse iterations its own trial predicts; the table says so.
-    args = ["diagnose", "--model", f"{model}:pendulum", "--T", "2000"]
+def test_a_crawl_gets_a_chunk_and_its_trial(capsys, model):
+    # Contracting but crawling (the 3-cycle of the logistic map at r = 3.83, through its
+    # long transient; was the damped pendulum, on which DEER no longer crawls): the
+    # report gives a chunk for multiple shooting and the coarse iterations its own
+    # trial predicts; the table says so.
+    args = ["diagnose", "--model", f"{model}:cycle_of_three", "--T", "2000"]
     code, out, err = run(capsys, args + ["--json"])
     assert code == 0, err
     rec = json.loads(out)["recommendation"]
-    assert 200 <= rec["multiple_shooting_chunk"] <= 800
+    assert rec["multiple_shooting_chunk"] == parassm.MultipleShooting().chunk(2000)
     assert 1 <= rec["multiple_shooting_steps"] <= 8
     assert "MultipleShooting" in rec["costs"]
     code, out, err = run(capsys, args)
