@@ -215,20 +215,19 @@ STALL_REPEATS = 16
 # kept poorer steps on a damped flow (Duffing, T = 1e4, float32: 19 -> 47; with this
 # one, 25).
 JACOBI_KEEP = 1e-2
-# A crawling loop (an accepted step that took less than half the merit off) restarts
-# the tail after the converged front, where the prefix is periodic (as above) or at
-# rest (its last `RESTART_PERIOD` steps within `CRAWL_REST` of the size of the
-# trajectory from step `p`), from the period or from step `p` repeated, if that cuts
-# the merit over the tail to `CRAWL_RATIO` or less (tenfold smaller scaled residuals,
-# in the mean square). Why: beyond the front, the iterates of a weakly damped flow
-# wind through other equilibria (the damped pendulum spins over the top), and each
-# step converged some 35 more steps (T = 1e4: 256 iterations in float32) while the
-# front itself had come to rest; restarted at rest, the tail converged in a few
-# (15 in all). Both tests matter. Half the merit restarted tails only a little worse
+# A crawling loop (an accepted step that took less than half the merit off) restarts the
+# tail after the converged front where the prefix is at rest (its last `RESTART_PERIOD`
+# steps within `CRAWL_REST` of the size of the trajectory from step `p`), from step `p`
+# repeated, if that cuts the merit over the tail to `CRAWL_RATIO` or less (tenfold
+# smaller scaled residuals, in the mean square). Why: beyond the front, the iterates of
+# a weakly damped flow wind through other equilibria (the damped pendulum spins over the
+# top), and each step converged some 35 more steps (T = 1e4: 256 iterations in float32)
+# while the front itself had come to rest; restarted at rest, the tail converged in a
+# few (15 in all). Both tests matter. Half the merit restarted tails only a little worse
 # than a constant, and threw Newton's progress away (mean-field RNN, g = 2, D = 8,
-# float64, LLE -0.004, T = 1e3: 175 -> 470). Without the rest test, a constant near
-# the unstable fixed point of the logistic map at r = 3.83 cut the merit a
-# hundred-thousandfold and sent the loop back (float32, T = 2000: 100 -> 186).
+# float64, LLE -0.004, T = 1e3: 175 -> 470). Without the rest test, a constant near the
+# unstable fixed point of the logistic map at r = 3.83 cut the merit 1e5-fold and sent
+# the loop back (float32, T = 2000: 100 -> 186).
 CRAWL_RATIO = 1e-2
 CRAWL_REST = 1e-2
 
@@ -285,16 +284,15 @@ def safeguarded(
     chunk per iteration. A trial that follows the extension, and a loop that makes
     progress, are left alone.
 
-    A `crawled` loop (an accepted step that took less than half the merit off; a
-    stall is one) where nothing blew up and the stall restart did not apply restarts
-    the tail after `p` from the prefix's period found as above, or, where the prefix
-    is at rest (`CRAWL_REST`), from step `p` repeated, if `lowers` says that this
-    cuts the merit over the tail enough (`CRAWL_RATIO`; one more evaluation of `f`, on
-    such steps only). Why: beyond the front, the iterates of a weakly damped flow can
-    wind through other equilibria (the damped pendulum spins over the top), and each
-    step then converges only the few dozen steps the linearisation at the front
-    carries (T = 1e4: DEER about 250 iterations); its front has come to rest, and
-    from there the tail converges at once.
+    A `crawled` loop (an accepted step that took less than half the merit off; a stall
+    is one) where nothing blew up, the stall restart did not apply and the converged
+    prefix is at rest (`CRAWL_REST`) restarts the tail after `p` from step `p` repeated,
+    if `lowers` says that this cuts the merit over the tail enough (`CRAWL_RATIO`; one
+    more evaluation of `f`, on such steps only). Why: beyond the front, the iterates of
+    a weakly damped flow can wind through other equilibria (the damped pendulum spins
+    over the top), and each step then converges only the few dozen steps the
+    linearisation at the front carries (T = 1e4: DEER about 250 iterations); its front
+    has come to rest, and from there the tail converges at once.
 
     Only unconverged steps change, so the front still advances at least one step.
     """
@@ -312,6 +310,21 @@ def safeguarded(
     row = jnp.max(jnp.abs(trial), axis=1)
     huge = first_true(~((row <= bound) & jnp.isfinite(row)))
     blown = jnp.minimum(blown, huge)
+
+    def rest():
+        # The state at step `p` (exactly `f(s_{p-1})`), and whether the prefix is at
+        # rest: its last `RESTART_PERIOD` steps within `CRAWL_REST` of the size of the
+        # converged prefix from it. Masked reductions: passes over `T D` numbers.
+        at_p = jnp.sum(jnp.where(times == p, fs, 0), axis=0)
+        recent = (times >= p - RESTART_PERIOD) & (times < p)
+        moved = jnp.max(jnp.where(recent, jnp.abs(S - at_p[None, :]), 0))
+        prefix_size = jnp.max(jnp.where(times[:, 0] < p, sizes, 0))
+        return at_p, (p >= RESTART_PERIOD) & (moved <= CRAWL_REST * prefix_size)
+
+    no = jnp.array(False)
+    at_p, at_rest = lax.cond(
+        crawled & (blown >= T), rest, lambda: (jnp.zeros(S.shape[1], S.dtype), no)
+    )
 
     def restart(trial):
         last = jnp.maximum(blown - 1, p)
@@ -362,26 +375,20 @@ def safeguarded(
         inside = (p + k < T)[:, None]
         off = jnp.abs(ahead - prefix[2 * n - w + k % w]) > STALL_MISMATCH * scale
         follow = stalled & (blown >= T) & any_found & jnp.any(inside & off)
-        # Crawling, nothing blown up, not followed: the tail after `p` repeats the
-        # period (one included), or else step `p`, if that lowers the merit over it.
-        # At rest: the last `n` converged steps are within `CRAWL_REST` of the size of
-        # the converged prefix from step `p` (`ahead[0]`).
-        prefix_size = jnp.max(jnp.where(times[:, 0] < p, sizes, 0))
-        moved = jnp.max(jnp.abs(prefix[n:] - ahead[:1]))
-        at_rest = (p >= n) & (moved <= CRAWL_REST * prefix_size)
-        guess = jnp.where(any_found, extension, ahead[0])
-        lower = jnp.array(False)
+        # Crawling at rest, not followed: the tail after `p` repeats step `p` if that
+        # lowers the merit over it enough.
+        lower = no
         if lowers is not None:
             lower = lax.cond(
-                crawled & (blown >= T) & ~follow & (any_found | at_rest),
-                lambda: lowers(jnp.where(times > p, guess, trial)),
-                lambda: lower,
+                at_rest & ~follow,
+                lambda: lowers(jnp.where(times > p, at_p, trial)),
+                lambda: no,
             )
         # The tail after `last` (blown up) or after `p` (followed) repeats the period,
         # or after a blow-up without a period of two or more, the last sane step;
         # otherwise nothing changes.
         tail = jnp.where(any_found & ((w > 1) | follow), extension, last_sane)
-        tail = jnp.where(lower, guess, tail)
+        tail = jnp.where(lower, at_p, tail)
         start = jnp.where(follow | lower, p, jnp.where(blown < T, last, T))
         restarted = jnp.where(times > start, tail, trial)
         # Every step up to `last` is finite but `p` (`f` there): entrywise.
@@ -389,7 +396,7 @@ def safeguarded(
 
     # Nothing blown up, nothing crawling (the common case): every step is finite and
     # nothing changes, so the passes of the restart are skipped.
-    return lax.cond((blown < T) | stalled | crawled, restart, lambda trial: trial, trial)
+    return lax.cond((blown < T) | stalled | at_rest, restart, lambda trial: trial, trial)
 
 
 class Trial(eqx.Module):
