@@ -105,6 +105,7 @@ class DEER(AbstractNewtonSolver):
     search: AbstractSearch = Backtracking()
 
     maps_apart: ClassVar[bool] = True
+    restarts_at_rest: ClassVar[bool] = True
 
     def linearise(self, problem, s_prev, iteration):
         fs, J = self.jacobian(problem, s_prev, iteration)

@@ -78,6 +78,7 @@ class ELK(AbstractLevenbergMarquardtSolver):
     atol: float | None = None
 
     maps_apart: ClassVar[bool] = True
+    restarts_at_rest: ClassVar[bool] = True
 
     def linearise(self, problem, s_prev, iteration):
         fs, J = self.jacobian(problem, s_prev, iteration)
