@@ -766,17 +766,17 @@ def newton_loop(
         # crawl that converged at most one more step (see `safeguarded`).
         crawled = accept & ~first & (trial_merit >= STALL_MERIT_RATIO * old_merit)
         stalled = crawled & (front <= state.front + 1)
-        cap = jnp.asarray(merit_cap(dtype, rtol), dtype)
 
         def lowers(candidate):
             # Whether `candidate` (the trial with its tail after `front` restarted) has
-            # at most `CRAWL_RATIO` of the merit of `S` over that tail.
+            # at most `CRAWL_RATIO` of the merit of `S` over that tail (scaled by the
+            # same tolerances; NaN counts as blown up, as in `measure`).
             after = jnp.arange(T) > front
             new = jnp.max(jnp.abs(candidate - problem.evaluate(candidate)), axis=1) / tol
+            new = jnp.where(jnp.isnan(new), jnp.inf, new)
 
             def over_tail(e):
-                e = jnp.minimum(jnp.where(jnp.isnan(e), jnp.inf, e), cap)
-                return jnp.sum(jnp.where(after, e * e, 0))
+                return merit(jnp.where(after, e, 0), rtol)
 
             return over_tail(new) <= CRAWL_RATIO * over_tail(err)
 
