@@ -262,6 +262,28 @@ def test_a_crawl_is_recommended_multiple_shooting_from_its_own_trial():
         parassm.diagnose(logistic, s0, T, shooting="DEER")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_a_bistable_map_is_recommended_multiple_shooting(dtype):
+    # tanh(3 s + u), T = 1e4: contracting (LLE about -3.4) but bistable, and the wrong
+    # well persists for hundreds of steps, so DEER's front crawls (about 950 steps in
+    # float32). Multiple shooting's trial crawled over a few chunks and then converged
+    # them all; extrapolated at that crawl rate, float64 was predicted 69 iterations
+    # and recommended Sequential, where multiple shooting takes 6. Now both dtypes are
+    # recommended multiple shooting, which converges in a few iterations and matches
+    # the sequential pass.
+    system, T = S.TanhRNN(a=3.0, dtype=dtype), 10_000
+    xs = system.inputs(T)
+    d = parassm.diagnose(system.f, system.s0, T, xs=xs, solvers=("DEER",), hardware=GPU_LIKE)
+    assert d.lle < -1 and d.regime == "marginal"
+    assert isinstance(d.recommended, parassm.MultipleShooting)
+    assert d.shooting_steps <= 30
+    sol = parassm.evaluate(system.f, system.s0, T, xs=xs, solver=d.recommended)
+    assert sol.result == parassm.RESULTS.successful
+    assert sol.stats["num_steps"] <= 15
+    atol = 1e-4 if dtype == jnp.float32 else 1e-10
+    np.testing.assert_allclose(sol.value, sequential(system.f, system.s0, xs), atol=atol)
+
+
 def test_damped_pendulum_is_predicted_fast_on_a_wide_machine():
     # The pendulum at T = 1e4 (memory about 80 steps): DEER once crawled here (about 250
     # steps; the diagnosis said marginal and recommended multiple shooting). Since a
