@@ -15,7 +15,7 @@ For each dtype, T and input seed this prints and writes:
 - the Newton steps, result, largest error against `lax.scan` and run time over
   `lax.scan`'s of DEER, ELK, DEER with the undamped search, and multiple shooting (DEER
   on chunks of `sqrt(T)` steps, the chunk length the diagnosis suggests here);
-- what the diagnosis recommends on a wide machine (`tests/helpers.GPU_LIKE`'s model).
+- what the diagnosis recommends on a wide machine (`bench.core.WIDE`).
 
 `lax.scan` runs first for every row, in the same process. Run time is the median of
 `--repeats` runs after compiling and a warm-up (`parassm._timing.measure`); one
@@ -45,19 +45,11 @@ if __package__ in (None, ""):
 import parassm  # noqa: E402
 from parassm._timing import measure  # noqa: E402
 
-from bench.core import result_name, RESULTS_DIR, stamp  # noqa: E402
+from bench.core import result_name, RESULTS_DIR, stamp, WIDE  # noqa: E402
 
 
 GAIN = 3.0
 COUPLED = 1e-4
-# The model of a wide machine the tests use (tests/helpers.GPU_LIKE).
-WIDE = parassm.diagnostics.Hardware(
-    step_latency=5e-6,
-    sequential_flops=1e9,
-    call_latency=5e-6,
-    vector_flops=1e13,
-    name="wide (GPU-like model)",
-)
 
 
 def f(s, u):

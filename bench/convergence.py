@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 import parassm  # noqa: E402
 from parassm import systems as S  # noqa: E402
 
-from .core import git_sha, RESULTS_DIR  # noqa: E402
+from .core import git_sha, RESULTS_DIR, WIDE  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------
@@ -168,15 +168,7 @@ SOLVERS = {
     "MultipleShooting (Jacobi)": parassm.MultipleShooting(parassm.Jacobi()),
     # What Auto runs on an accelerator: decided on the host (on the default guess) with
     # a fixed model of a wide machine, then run from the row's guess.
-    "Auto (wide)": parassm.Auto(
-        hardware=parassm.diagnostics.Hardware(
-            step_latency=5e-6,
-            sequential_flops=1e9,
-            call_latency=5e-6,
-            vector_flops=1e13,
-            name="wide (GPU-like model)",
-        )
-    ),
+    "Auto (wide)": parassm.Auto(hardware=WIDE),
 }
 
 

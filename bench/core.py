@@ -48,6 +48,16 @@ HERE = pathlib.Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 
 
+# A fixed model of a wide machine (an accelerator), for decisions made on this host.
+WIDE = parassm.diagnostics.Hardware(
+    step_latency=5e-6,
+    sequential_flops=1e9,
+    call_latency=5e-6,
+    vector_flops=1e13,
+    name="wide (GPU-like model)",
+)
+
+
 # --------------------------------------------------------------------------- stamps
 
 
