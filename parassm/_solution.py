@@ -11,7 +11,10 @@ class RESULTS(eqx.Enumeration):
     under `jit` and `vmap`.
     """
 
-    successful = "The evaluation converged: every step's residual met the tolerance."
+    successful = (
+        "The evaluation converged: every step's residual met the tolerance, and so did "
+        "the estimated error of the trajectory."
+    )
     max_steps_reached = (
         "The parallel solver did not converge within `max_steps` iterations: the "
         "residual `s_t - f(s_{t-1}, x_t)` is still above the tolerance. The system may "
@@ -19,6 +22,14 @@ class RESULTS(eqx.Enumeration):
         "parallel evaluation does not pay off: use `parassm.Sequential()` or "
         "`parassm.Auto()`, a solver with a better Jacobian (`parassm.DEER()`), or raise "
         "`max_steps` (T is always enough for the DEER family)."
+    )
+    inaccurate = (
+        "Every step's residual meets the tolerance, but the estimated error of the "
+        "trajectory does not (`stats['error_estimate']` > 1), even with the residual "
+        "tightened as far as this dtype measures it: the dynamics do not damp errors "
+        "(e.g. the neutral phase of an oscillator or limit cycle), so residuals add up "
+        "along the sequence. Use float64 (`jax.config.update('jax_enable_x64', True)`), "
+        "looser tolerances (`rtol`, `atol`), or `parassm.Sequential()`."
     )
     nonfinite = (
         "The trajectory is not finite: `f` returned NaN or Inf from a converged, finite "
@@ -35,12 +46,21 @@ class Solution(eqx.Module):
     - `value`: the trajectory $s_1, \\ldots, s_T$: a PyTree with the structure of `s0`,
         each leaf with a leading time axis of length `T`.
     - `result`: a [`parassm.RESULTS`][] code. `result == RESULTS.successful` exactly
-        when the residual meets the solver's tolerance (`stats["residual"] <= 1`).
+        when the residual meets the solver's tolerance (`stats["residual"] <= 1`) and
+        so does the estimated error of the trajectory (`stats["error_estimate"] <= 1`).
     - `stats`: a dictionary of scalars: `num_steps` (parallel iterations taken),
         `max_steps`, `residual` (the largest scaled residual
         $\\max_{t,i} |r_{t,i}| / (\\mathrm{atol} + \\mathrm{rtol} |f_i(s_{t-1}, x_t)|)$,
         at most 1 on success), `max_abs_residual` ($\\max_{t,i} |r_{t,i}|$) and
         `converged_prefix` (the number of leading time steps that meet the tolerance).
+        Parallel solvers add `error_estimate`: the estimated error of the trajectory
+        over its tolerance, $\\max_t \\|e_t\\|_\\infty / (\\mathrm{atol} + \\mathrm{rtol}
+        \\nu_t)$, with $e$ the linearised error recurrence $e_t = A_t e_{t-1} + f(s_{t-1},
+        x_t) - s_t$ driven by the final residual through the solver's maps (`inf` if the
+        residual never met its tolerance; `NaN` where it is not made, e.g. by
+        `SlidingWindow`), and `tolerance_factor`, the factor by which the residual's
+        tolerance was tightened to bring that estimate within its tolerance (one if it
+        was not).
     """
 
     value: PyTree[Array]

@@ -75,6 +75,10 @@ class AbstractDescent(eqx.Module):
         Jacobi trial `fs` itself: computed as such, not as `S + (fs - S)`, which would
         cancel catastrophically where `S` has blown up."""
 
+    @abc.abstractmethod
+    def correction(self, state: PyTree[Array]) -> Float[Array, "T D"]:
+        """The undamped (Newton-type) correction of `prepare`'s state."""
+
     def model_residual(
         self, state: PyTree[Array], r: Float[Array, "T D"], delta: Float[Array, "T D"]
     ) -> Float[Array, "T D"]:
@@ -103,6 +107,9 @@ class NewtonDescent(AbstractDescent):
 
     def prepare(self, transition, r, front):
         return newton_correction(transition, r, front)
+
+    def correction(self, state):
+        return state
 
     def step(self, state, step_size, S, fs):
         newton = S + state
@@ -178,6 +185,9 @@ class LevenbergMarquardtDescent(AbstractDescent):
         # into a conditional.
         A = kalman_transition(transition, r.shape[1])
         return A, r, front, newton_correction(A, r, front)
+
+    def correction(self, state):
+        return state[3]
 
     def step(self, state, step_size, S, fs):
         A, r, front, newton = state

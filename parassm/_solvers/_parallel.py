@@ -70,13 +70,14 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from equinox import AbstractVar
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from .. import _linear as linear
+from .. import _batching as batching, _linear as linear
 from .._linear._scan_impl import associative_scan
 from .._problem import Flat, flatten, unravel_trajectory
 from .._solution import RESULTS
@@ -242,6 +243,7 @@ def safeguarded(
     stalled: Bool[Array, ""] | bool = False,
     crawled: Bool[Array, ""] | bool = False,
     lowers: Callable[[Float[Array, "T D"]], Bool[Array, ""]] | None = None,
+    cond: Callable = lax.cond,
 ) -> Float[Array, "T D"]:
     """`trial` with the loop's safeguards: the converged prefix stays frozen, step `p`
     becomes exactly `f(s_{p-1}, x_p)`, and the tail from the first blown-up step on is
@@ -325,7 +327,7 @@ def safeguarded(
     at_p, at_rest = jnp.zeros(S.shape[1], S.dtype), no
     restarts = lowers is not None and crawled is not False
     if restarts:
-        at_p, at_rest = lax.cond(crawled & (blown >= T), rest, lambda: (at_p, no))
+        at_p, at_rest = cond(crawled & (blown >= T), rest, lambda: (at_p, no))
 
     def restart(trial):
         last = jnp.maximum(blown - 1, p)
@@ -335,10 +337,14 @@ def safeguarded(
         # s_{p - 2n + j}` (zero outside the sequence; before `p` the converged prefix).
         last_sane = jnp.sum(jnp.where(times == last, trial, 0), axis=0)
         n = RESTART_PERIOD
-        j = jnp.arange(3 * n)
-        pick = times == (p - 2 * n + j)[None, :]
-        finite = jnp.where(jnp.isfinite(trial), trial, 0)  # zero times inf would be NaN
-        window = jnp.einsum("tj,td->jd", pick.astype(S.dtype), finite)
+        # A scatter-add of the rows into their places (`O(T D)`; the rows outside the
+        # window are dropped): a masked reduction over time, whose batched form is as
+        # cheap (a one-hot product over `T x 3n` cost a batch of eight GRUs 3.4x its
+        # single runs).
+        offset = times[:, 0] - (p - 2 * n)
+        place = jnp.where((offset >= 0) & (offset < 3 * n), offset, 3 * n)
+        finite = jnp.where(jnp.isfinite(trial), trial, 0)
+        window = jnp.zeros((3 * n, S.shape[1]), S.dtype).at[place].add(finite, mode="drop")
         prefix, ahead = window[: 2 * n], window[2 * n :]
         scale = jnp.max(jnp.abs(prefix)) + jnp.finfo(S.dtype).tiny
 
@@ -361,7 +367,7 @@ def safeguarded(
         # problem is a whole chunk, and it has about sqrt(T) of them.)
         repeats = min(STALL_REPEATS, max(T // 8, 1))
         periods = jnp.arange(1, n + 1)
-        two, many = lax.map(deviations, periods)
+        two, many = jax.vmap(deviations)(periods)
         tol = PERIODIC_RTOL * scale
         fits = (p >= 2 * periods) & (2 * periods <= T)
         found_blown = fits & (two <= tol)
@@ -380,7 +386,7 @@ def safeguarded(
         # lowers the merit over it enough.
         lower = no
         if restarts:
-            lower = lax.cond(
+            lower = cond(
                 at_rest & ~follow,
                 lambda: lowers(jnp.where(times > p, at_p, trial)),
                 lambda: no,
@@ -397,7 +403,7 @@ def safeguarded(
 
     # Nothing blown up, nothing crawling (the common case): every step is finite and
     # nothing changes, so the passes of the restart are skipped.
-    return lax.cond((blown < T) | stalled | at_rest, restart, lambda trial: trial, trial)
+    return cond((blown < T) | stalled | at_rest, restart, lambda trial: trial, trial)
 
 
 class Trial(eqx.Module):
@@ -417,7 +423,8 @@ class Trial(eqx.Module):
 
 class LoopState(eqx.Module):
     """The carry of the Newton loop: the accepted iterate (`S`, its values `fs`, scaled
-    residuals `err` and converged `front`), the search, and the next trial."""
+    residuals `err` and converged `front`), the search, the maps at hand, and the next
+    trial."""
 
     S: Float[Array, "T D"]
     fs: Float[Array, "T D"]
@@ -434,9 +441,18 @@ class LoopState(eqx.Module):
     # The merit the descent's linear model predicts for the pending trial (for a
     # search that compares the two, e.g. a trust region).
     predicted: Float[Array, ""]
-    # For a solver that reuses its maps (`reuse_threshold > 0`): the last ones formed.
+    # The maps at hand: for a solver that forms them with the values, those at `S`
+    # (a retry uses them); otherwise the last ones formed (kept by a solver that
+    # reuses them).
+    maps: PyTree
+    # For a solver that reuses its maps (`reuse_threshold > 0`): when to keep them.
     reuse: "Reuse | None"
     num_linearisations: Int[Array, ""]
+    # The residual tolerances' factor (one, or less after the estimate of the forward
+    # error asked for a tighter residual), and that estimate over its tolerance (`inf`
+    # until the residual first met its tolerance everywhere; see `newton_loop`).
+    factor: Float[Array, ""]
+    estimate: Float[Array, ""]
     trial: Float[Array, "T D"]
     done: Bool[Array, ""]
 
@@ -448,16 +464,21 @@ class LoopState(eqx.Module):
 
     @property
     def converged(self) -> Bool[Array, ""]:
+        """Every step's residual meets its tolerance."""
         return self.front >= self.S.shape[0]
+
+    @property
+    def accurate(self) -> Bool[Array, ""]:
+        """The estimated error of the trajectory meets the tolerance (or, `NaN`, was
+        not estimated)."""
+        return ~(self.estimate > 1)
 
 
 class Reuse(eqx.Module):
-    """What the loop knows about the maps of a solver that reuses them: the last maps
-    formed, how many accepted steps in a row were made with them kept, the merit ratio
-    (new over old) of the last accepted step and of the last step made with freshly
-    formed maps."""
+    """When a solver that reuses its maps keeps them: how many accepted steps in a row
+    were made with them kept, the merit ratio (new over old) of the last accepted step
+    and of the last step made with freshly formed maps."""
 
-    maps: PyTree
     kept_steps: Int[Array, ""]
     last_ratio: Float[Array, ""]
     fresh_ratio: Float[Array, ""]
@@ -474,13 +495,12 @@ class Reuse(eqx.Module):
 
     def next(
         self,
-        formed: PyTree,
         ratio: Float[Array, ""],
         threshold: Float[Array, ""] | float,
         may_keep: Bool[Array, ""],
     ) -> tuple["Reuse", Bool[Array, ""]]:
         """After an accepted step with merit ratio `ratio`: the next state and whether
-        to keep the maps (`formed`, a thunk, gives fresh ones otherwise)."""
+        to keep the maps (a decision on scalars; the caller forms fresh maps otherwise)."""
         was_kept = self.kept_steps > 0
         fresh_ratio = jnp.where(was_kept, self.fresh_ratio, ratio)
         stale = was_kept & (ratio > self.slowdown * self.fresh_ratio)
@@ -492,9 +512,8 @@ class Reuse(eqx.Module):
             & ~accelerating
             & (self.kept_steps < self.max_kept)
         )
-        maps = lax.cond(keep, lambda: self.maps, formed)
         kept_steps = jnp.where(keep, self.kept_steps + 1, 0)
-        return Reuse(maps, kept_steps, ratio, fresh_ratio), keep
+        return Reuse(kept_steps, ratio, fresh_ratio), keep
 
 
 class AbstractObserver(eqx.Module):
@@ -629,16 +648,21 @@ def newton_loop(
     scale: Float[Array, ""] | float = 0.0,
     loop: Callable = lax.while_loop,
     observer: AbstractObserver | None = None,
+    verify: bool = True,
 ) -> tuple[LoopState, PyTree]:
     """Run the Newton loop from the guess `S0` for at most `max_steps` accepted
     iterations. Returns the final `LoopState` and the observer's record (or `None`).
 
     Each body evaluates the pending trial (the guess, at first), lets the search accept
     it or not, and, unless the accepted iterate is converged (or the loop is out of
-    steps), makes the next trial. An iteration costs one linearisation
-    (`AbstractParallelSolver.linearise`: the values and the maps, at the trial; or, for
-    a solver whose `maps_apart`, the values at the trial and the maps at an accepted
-    iterate that is not converged) and one descent.
+    steps), makes the next trial. A body costs at most one evaluation of the values,
+    one formation of the maps and one descent, whatever it decides, and under
+    `jax.vmap` too: which of them runs is decided on scalars, and each runs once,
+    behind one `lax.cond` (a batched predicate runs the branch for the whole batch,
+    once). The maps are formed with the values of every trial in one pass
+    (`AbstractParallelSolver.linearise`), or, for a solver whose `maps_apart` or that
+    reuses its maps, in a pass of their own at an accepted iterate that is not
+    converged.
 
     `search_state`, a `(step_size, state)` pair, continues the search of an earlier
     loop, and `scale` floors the size of the trajectory in the convergence test
@@ -650,20 +674,25 @@ def newton_loop(
     rtol, atol = solver.tolerances(S0.dtype)
     dtype = S0.dtype
     T = S0.shape[0]
+    times = jnp.arange(T)
 
     threshold = solver.reuse_threshold(S0.shape[1], T)
     # Static: whether maps may be reused (a traced threshold counts as reuse).
     reuse = not (isinstance(threshold, int | float) and threshold <= 0)
     # Reused maps are formed apart from the values: a trial then costs only `f`.
     apart = solver.maps_apart or reuse
+    may_reject = search.may_reject
+    # Dear work behind a conditional that a batch pays for only when one of its
+    # elements needs it; a differentiated (checkpointed) loop keeps `lax.cond`.
+    cond = batching.cond if loop is lax.while_loop else lax.cond
 
-    def evaluate(S, iteration):
-        # `(values, maps or None, err, front, tol)` at `S`.
+    def evaluate(S, iteration, factor):
+        # `(values, maps or None, err, front, tol, sizes)` at `S`.
         if apart:
             fs, transition = problem.evaluate(S), None
         else:
             fs, transition = solver.linearise(problem, problem.previous(S), iteration)
-        err, front, tol, sizes = measure(S, fs, rtol, atol, scale)
+        err, front, tol, sizes = measure(S, fs, factor * rtol, factor * atol, scale)
         return fs, transition, err, front, tol, sizes
 
     def maps(S, iteration):
@@ -674,10 +703,19 @@ def newton_loop(
     if search_state is None:
         search_state = search.init(dtype)
     step_size0, search_state = search_state
-    maps0 = None
-    if reuse:
-        shapes = eqx.filter_eval_shape(maps, S0, 0)
-        maps0 = jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    shapes = eqx.filter_eval_shape(maps, S0, 0)
+
+    def no_maps():
+        return jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+    # The maps are carried from body to body where they are cheap to keep (formed with
+    # the values: diagonals, blocks) or kept on purpose (reused); dense maps formed
+    # apart are not (under `jax.vmap` a carried `T D^2` array costs selects of it at
+    # every iteration).
+    carry_maps = reuse or not apart
+    # The smallest factor of the residual tolerances: a residual of sixteen roundings
+    # of the trajectory's size is as small as the dtype measures one.
+    min_factor = min(1.0, 16 * float(jnp.finfo(dtype).eps) / max(rtol, 1e-300))
     inf = jnp.asarray(jnp.inf, dtype)
     state0 = LoopState(
         S=S0,
@@ -692,26 +730,35 @@ def newton_loop(
         step_size=jnp.asarray(step_size0, dtype),
         search_state=search_state,
         predicted=inf,
-        reuse=None if maps0 is None else Reuse(maps0, jnp.array(0), inf, inf),
+        maps=no_maps() if carry_maps else None,
+        reuse=Reuse(jnp.array(0), inf, inf) if reuse else None,
         num_linearisations=jnp.array(0),
+        factor=jnp.ones((), dtype),
+        estimate=inf,
         trial=S0,
         done=jnp.array(False),
     )
 
-    def cond(carry):
+    def select(pred, new, old):
+        if pred is True:
+            return new
+        return jtu.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+    def running(carry):
         return ~carry[0].done
 
     def body(carry):
         state, record = carry
+        iteration = state.num_trials + 1
         trial = state.trial
         trial_fs, A, trial_err, trial_front, trial_tol, trial_sizes = evaluate(
-            trial, state.num_trials + 1
+            trial, iteration, state.factor
         )
         first = state.num_steps < 0
         # The merits of the accepted iterate and of the trial, for the search and the
         # reuse of maps (unused ones are dropped by the compiler).
         old_merit, trial_merit = merit(state.err, rtol), merit(trial_err, rtol)
-        if search.may_reject:
+        if may_reject:
             info = Trial(
                 merit=old_merit,
                 trial_merit=trial_merit,
@@ -728,50 +775,109 @@ def newton_loop(
             # Every trial converges step `p`: accepting one always makes progress.
             accept = first | accept | (state.rejections + 1 >= search.max_trials)
             step_size = jnp.where(first, state.step_size, step_size)
-            search_state = jtu.tree_map(
-                lambda new, old: jnp.where(first, old, new), search_state, state.search_state
-            )
+            search_state = select(first, state.search_state, search_state)
         else:
             accept, step_size, search_state = True, state.step_size, state.search_state
 
-        def keep(new, old):
-            return new if accept is True else jnp.where(accept, new, old)
-
-        S = keep(trial, state.S)
-        fs = keep(trial_fs, state.fs)
-        front = keep(trial_front, state.front)
+        S = select(accept, trial, state.S)
+        fs = select(accept, trial_fs, state.fs)
+        front = select(accept, trial_front, state.front)
+        tol = select(accept, trial_tol, state.tol)
+        err = select(accept, trial_err, state.err)
+        sizes = select(accept, trial_sizes, state.sizes)
         num_steps = state.num_steps + (1 if accept is True else accept.astype(int))
-        nonfinite = jnp.any((jnp.arange(T) == front)[:, None] & ~jnp.isfinite(fs))
-        done = (front >= T) | nonfinite | (num_steps >= max_steps)
+        nonfinite = jnp.any((times == front)[:, None] & ~jnp.isfinite(fs))
+        stopped = (front >= T) | nonfinite | (num_steps >= max_steps)
+        # The residual meets its tolerance everywhere: this body's descent is the
+        # estimate of the trajectory's error (see below), not a trial.
+        estimating = (front >= T) & ~nonfinite if verify else jnp.array(False)
+        # A retry with the Jacobi step (step size zero) needs no maps and no descent.
+        jacobi = jnp.array(False) if accept is True else ~accept & (step_size == 0)
 
-        iteration = state.num_trials + 1
+        # The maps at `S`: from the pass of the values (a retry keeps those of `S`), or
+        # formed apart, once, where the next trial or the estimate needs them and none
+        # are kept.
+        reused = state.reuse
+        if apart:
+            form = ~stopped & ~jacobi
+            if reuse:
+                ratio = trial_merit / old_merit
+                may_keep = ~first & (state.rejections == 0)
+                next_reuse, keep = state.reuse.next(ratio, threshold, may_keep)
+                keep = accept & keep
+                form = form & ~keep
+                reused = select(accept & ~stopped, next_reuse, state.reuse)
+                transition = cond(form, lambda: maps(S, iteration), lambda: state.maps)
+            else:
+                form = form | estimating
+                transition = cond(form, lambda: maps(S, iteration), no_maps, merge=False)
+            formed = form.astype(int)
+        else:
+            transition = select(accept, A, state.maps)
+            formed = 1  # with the values of the trial
 
-        def linearisation():
-            # `(maps, reuse state, how many maps were formed)` at the accepted `S`.
-            if not apart:
-                return A, state.reuse, jnp.array(0)  # formed with the values, counted there
-            if not reuse:
-                return maps(S, iteration), None, jnp.array(1)
-            ratio = trial_merit / old_merit
-            may_keep = ~first & (state.rejections == 0)
-            reused, keep = state.reuse.next(lambda: maps(S, iteration), ratio, threshold, may_keep)
-            return reused.maps, reused, jnp.where(keep, 0, 1)
+        # The descent, once: the correction for the step size from the maps at `S`; or,
+        # for the estimate, the Newton correction with nothing frozen.
+        frozen_front = jnp.where(estimating, 0, front)
 
-        tol = keep(trial_tol, state.tol)
-        err = keep(trial_err, state.err)
-        sizes = keep(trial_sizes, state.sizes)
-        # The first step whose residual is blown up (counted at the merit's cap).
-        blown = first_true(~(err < merit_cap(dtype, rtol)))
+        def descend():
+            descent_state = descent.prepare(transition, S - fs, frozen_front)
+            return descent.step(descent_state, step_size, S, fs), descent_state
+
+        def idle():
+            shapes = eqx.filter_eval_shape(descent.prepare, transition, S - fs, front)
+            return fs, jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+        descends = (~stopped & ~jacobi) | estimating
+        step, descent_state = cond(descends, descend, idle, merge=False)
+
+        # The estimate of the error of `S`: the linearised error recurrence driven by
+        # the residual, `e_t = A_t e_{t-1} + f_t - s_t`, i.e. the Newton correction at
+        # `S` over the whole trajectory (one scan), against the tolerance of the
+        # trajectory (the residual's, before any tightening). Where the dynamics damp
+        # errors it is about the residual; along a neutral direction (the phase of a
+        # limit cycle) the residuals add up, and a trajectory whose every residual
+        # meets its tolerance can be far from the truth.
+        estimate = state.estimate
+        factor = state.factor
+        if verify:
+            delta = descent.correction(descent_state)
+            ratio = jnp.max(jnp.max(jnp.abs(delta), axis=1) / tol) * factor
+            ratio = jnp.where(jnp.isnan(ratio), jnp.inf, ratio)
+            estimate = jnp.where(estimating, ratio, state.estimate)
+            # Too large: tighten the residual's tolerance by what the estimate asks
+            # (the error scales with the residual), down to what the dtype measures,
+            # and go on from the Newton trial at `S` (the estimate is its correction).
+            tighten = estimating & (estimate > 1) & (factor > 1.01 * min_factor)
+            factor = jnp.where(
+                tighten,
+                jnp.maximum(factor * jnp.minimum(0.5, 0.5 / estimate), min_factor),
+                factor,
+            ).astype(dtype)
+            # The residual measured against the tighter tolerance (the trajectory's size
+            # `nu` as it was: the next trial is measured afresh).
+            shrink = (factor / state.factor).astype(dtype)
+            err = jnp.where(tighten, err / shrink, err)
+            tol = jnp.where(tighten, tol * shrink, tol)
+            front = jnp.where(tighten, first_true(~(err <= 1)), front)
+            step = select(tighten, S + delta, step)
+            stopped = stopped & ~tighten
+        else:
+            tighten = jnp.array(False)
+        done = stopped
+
         # A crawl: an accepted step that took less than half the merit off; a stall: a
-        # crawl that converged at most one more step (see `safeguarded`).
-        crawled = accept & ~first & (trial_merit >= STALL_MERIT_RATIO * old_merit)
+        # crawl that converged at most one more step (see `safeguarded`). The first
+        # step whose residual is blown up (counted at the merit's cap).
+        blown = first_true(~(err < merit_cap(dtype, rtol)))
+        crawled = accept & ~first & ~tighten & (trial_merit >= STALL_MERIT_RATIO * old_merit)
         stalled = crawled & (front <= state.front + 1)
 
         def lowers(candidate):
             # Whether `candidate` (the trial with its tail after `front` restarted) has
             # at most `CRAWL_RATIO` of the merit of `S` over that tail (scaled by the
             # same tolerances; NaN counts as blown up, as in `measure`).
-            after = jnp.arange(T) > front
+            after = times > front
             new = jnp.max(jnp.abs(candidate - problem.evaluate(candidate)), axis=1) / tol
             new = jnp.where(jnp.isnan(new), jnp.inf, new)
 
@@ -780,53 +886,25 @@ def newton_loop(
 
             return over_tail(new) <= CRAWL_RATIO * over_tail(err)
 
-        def from_maps(transition, stalled, crawled):
-            # The trial for the current step size from the maps at `S`, and the merit
-            # the descent's linear model predicts for it.
-            descent_state = descent.prepare(transition, S - fs, front)
-            step = descent.step(descent_state, step_size, S, fs)
-            # (A solver that does not restart at rest: statically none of it.)
-            crawl = crawled if solver.restarts_at_rest else False
-            trial = safeguarded(S, fs, sizes, step, front, blown, stalled, crawl, lowers)
-            if not search.uses_model:
-                return trial, inf
-            model = descent.model_residual(descent_state, S - fs, trial - S)
-            return trial, merit(jnp.max(jnp.abs(model), axis=1) / tol, rtol)
+        if may_reject:
+            # The Jacobi step, but the rejected trial itself on the steps right after
+            # the front where it took `1 - JACOBI_KEEP` of the residual off (see
+            # `JACOBI_KEEP`).
+            kept = trial_err <= JACOBI_KEEP * state.err
+            cut = first_true((times >= front) & ~kept)
+            step = select(jacobi, jnp.where((times < cut)[:, None], trial, fs), step)
+        # The safeguards, once (a crawl or a stall is an accepted step: a retry has
+        # neither). A solver that does not restart at rest: statically none of it.
+        crawl = crawled if solver.restarts_at_rest else False
+        next_ = safeguarded(S, fs, sizes, step, front, blown, stalled, crawl, lowers, cond)
+        next_ = jnp.where(done, S, next_)
+        predicted = inf
+        if search.uses_model:
+            # The merit the descent's linear model predicts for the trial.
+            model = descent.model_residual(descent_state, S - fs, next_ - S)
+            model_merit = merit(jnp.max(jnp.abs(model), axis=1) / tol, rtol)
+            predicted = jnp.where(descends & ~estimating, model_merit, inf)
 
-        def accepted():
-            transition, reused, formed = linearisation()
-            return from_maps(transition, stalled, crawled) + (reused, formed)
-
-        def retried():
-            # A rejected trial: another step size from the same iterate. The Jacobi
-            # step needs no maps; any other forms them again at `S` (rather than
-            # carrying them, which for dense Jacobians costs copies of `T D^2` numbers
-            # at every iteration).
-            def jacobi():
-                # The Jacobi step, but the rejected trial itself on the steps right
-                # after the front where it took `1 - JACOBI_KEEP` of the residual off
-                # (see `JACOBI_KEEP`).
-                times = jnp.arange(T)
-                kept = trial_err <= JACOBI_KEEP * state.err
-                cut = first_true((times >= front) & ~kept)
-                step = jnp.where((times < cut)[:, None], trial, fs)
-                return safeguarded(S, fs, sizes, step, front, blown), inf, state.reuse, jnp.array(0)
-
-            def again():
-                return from_maps(maps(S, iteration), False, False) + (state.reuse, jnp.array(1))
-
-            return lax.cond(step_size == 0, jacobi, again)
-
-        def next_trial():
-            if not search.may_reject:
-                return accepted()
-            return lax.cond(accept, accepted, retried)
-
-        def finished():
-            return S, inf, state.reuse, jnp.array(0)
-
-        next_, predicted, reused, formed = lax.cond(done, finished, next_trial)
-        num_linearisations = state.num_linearisations + formed + (0 if apart else 1)
         state = LoopState(
             S=S,
             fs=fs,
@@ -840,8 +918,11 @@ def newton_loop(
             step_size=step_size,
             search_state=search_state,
             predicted=predicted,
+            maps=transition if carry_maps else None,
             reuse=reused,
-            num_linearisations=num_linearisations,
+            num_linearisations=state.num_linearisations + formed,
+            factor=factor,
+            estimate=estimate,
             trial=next_,
             done=done,
         )
@@ -850,7 +931,7 @@ def newton_loop(
         return state, record
 
     record0 = None if observer is None else observer.init(max_steps, dtype)
-    return loop(cond, body, (state0, record0))
+    return loop(running, body, (state0, record0))
 
 
 def solve_flat(
@@ -885,7 +966,7 @@ def finish(
     nonfinite = state.nonfinite
     result = RESULTS.where(
         state.converged,
-        RESULTS.successful,
+        RESULTS.where(state.accurate, RESULTS.successful, RESULTS.inaccurate),
         RESULTS.where(nonfinite, RESULTS.nonfinite, RESULTS.max_steps_reached),
     )
     T = state.S.shape[0]
@@ -898,6 +979,8 @@ def finish(
         residual=jnp.max(state.err),
         max_abs_residual=jnp.max(jnp.abs(state.S - state.fs)),
         converged_prefix=state.front,
+        error_estimate=state.estimate,
+        tolerance_factor=state.factor,
         num_linearisations=state.num_linearisations,
         **solver.search.stats(state.search_state, state.step_size, state.num_trials),
     )
@@ -916,6 +999,7 @@ def finish_measured(
     step_size: Float[Array, ""],
     search_state: PyTree,
     fs: Float[Array, "T D"] | None = None,
+    estimate: Float[Array, ""] | None = None,
 ) -> tuple[Float[Array, "T D"], RESULTS, dict[str, Array]]:
     """`finish` for a trajectory `S` of the whole `problem` put together outside one
     Newton loop (a sliding window, multiple shooting): measured once more, so that its
@@ -939,8 +1023,12 @@ def finish_measured(
         step_size=step_size,
         search_state=search_state,
         predicted=jnp.asarray(jnp.inf, S.dtype),
+        maps=None,
         reuse=None,
         num_linearisations=num_linearisations,
+        factor=jnp.ones((), S.dtype),
+        # Without the caller's estimate, the residual's test alone (`NaN`: not made).
+        estimate=jnp.asarray(jnp.nan if estimate is None else estimate, S.dtype),
         trial=S,
         done=jnp.array(True),
     )

@@ -177,6 +177,9 @@ class MultipleShooting(AbstractSolver):
             step_size=state.step_size,
             search_state=state.search_state,
             fs=fs,
+            # The chunks are exact given their starts: the error of the whole is that of
+            # the chunk ends.
+            estimate=state.estimate,
         )
         stats["chunk_length"] = jnp.array(L)
         return unravel_trajectory(flat, S), result, stats

@@ -1,0 +1,123 @@
+"""`successful` means the trajectory meets the tolerance, not only every step's residual.
+
+On an oscillator the phase is neutral: residuals that each meet their tolerance add up
+over the sequence, and the trajectory drifts from the truth. Every parallel solver
+estimates the error of its final trajectory (the linearised error recurrence driven by
+the final residual, `stats["error_estimate"]`), tightens the residual's tolerance while
+the estimate is too large, and reports `RESULTS.inaccurate` where the dtype cannot
+bring it within the tolerance. Checked here against a float64 reference."""
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import parassm
+import pytest
+
+
+def fitzhugh_nagumo(s, x):
+    # Euler steps of 0.1 of the FitzHugh-Nagumo oscillator, driven by `x`.
+    v, w = s[0], s[1]
+    dt = jnp.asarray(0.1, s.dtype)
+    return jnp.stack(
+        [v + dt * (v - v**3 / 3 - w + 0.3 + 0.1 * x), w + dt * 0.08 * (v + 0.7 - 0.8 * w)]
+    )
+
+
+def van_der_pol(s, x):
+    # Euler steps of 0.05 of the Van der Pol oscillator (mu = 1): a limit cycle.
+    v, w = s[0], s[1]
+    dt = jnp.asarray(0.05, s.dtype)
+    return jnp.stack([v + dt * w, w + dt * ((1 - v**2) * w - v + 0.1 * x)])
+
+
+SYSTEMS = {
+    "fitzhugh-nagumo": (fitzhugh_nagumo, (2.0, -1.0)),
+    "van der pol": (van_der_pol, (2.0, 0.0)),
+}
+SOLVERS = [
+    parassm.DEER(),
+    parassm.QuasiDEER(),
+    parassm.BlockQuasiDEER(2),
+    parassm.ELK(),
+    parassm.QuasiELK(),
+    parassm.MultipleShooting(),
+]
+
+
+def _problem(name, dtype, T):
+    f, s0 = SYSTEMS[name]
+    t = jnp.arange(T, dtype=jnp.float64)
+    xs = jnp.sin(0.05 * t) + 0.3 * jr.normal(jr.key(0), (T,), jnp.float64)
+    s0 = jnp.array(s0, jnp.float64)
+    truth = jax.lax.scan(lambda s, x: (f(s, x), f(s, x)), s0, xs)[1]
+    return f, s0.astype(dtype), xs.astype(dtype), truth
+
+
+def _tolerance(solver, truth, dtype):
+    rtol, atol = solver.tolerances(jnp.dtype(dtype)) if hasattr(solver, "tolerances") else (0, 0)
+    return atol + rtol * float(jnp.max(jnp.abs(truth)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(SYSTEMS))
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
+def test_successful_means_the_trajectory_is_accurate(solver, name, dtype):
+    T = 1500
+    f, s0, xs, truth = _problem(name, dtype, T)
+    sol = jax.jit(lambda xs: parassm.evaluate(f, s0, xs=xs, solver=solver, throw=False))(xs)
+    error = float(jnp.max(jnp.abs(sol.value.astype(jnp.float64) - truth)))
+    sequential = jax.lax.scan(lambda s, x: (f(s, x), f(s, x)), s0, xs)[1]
+    floor = float(jnp.max(jnp.abs(sequential.astype(jnp.float64) - truth)))
+    inner = solver.solver if isinstance(solver, parassm.MultipleShooting) else solver
+    tol = _tolerance(inner, truth, dtype)
+    estimate = float(sol.stats["error_estimate"])
+    if sol.result == parassm.RESULTS.successful:
+        assert estimate <= 1
+        # Within the tolerance, give or take the estimate's own accuracy, or as accurate
+        # as the sequential recurrence in this dtype.
+        assert error <= max(10 * tol, 10 * floor), (error, tol, floor)
+    else:
+        # Never silently wrong: a failure says so, with its estimate.
+        assert sol.result == parassm.RESULTS.inaccurate, sol.result
+        assert estimate > 1
+
+
+def test_a_neutral_phase_is_reported_inaccurate_then_accurate_with_tighter_tolerances():
+    # float64, default tolerances: every residual meets rtol ~ 1e-11, yet the trajectory
+    # is off by far more than that; asked for a tolerance the dtype can deliver, it is
+    # successful and accurate.
+    f, s0, xs, truth = _problem("fitzhugh-nagumo", jnp.float64, 3000)
+    sol = parassm.evaluate(f, s0, xs=xs, solver=parassm.DEER(), throw=False)
+    assert sol.result == parassm.RESULTS.inaccurate
+    assert float(sol.stats["residual"]) <= 1
+    assert float(sol.stats["error_estimate"]) > 1
+    # It tried: the residual's tolerance was tightened as far as float64 measures it.
+    assert float(sol.stats["tolerance_factor"]) < 1e-3
+    error = float(jnp.max(jnp.abs(sol.value - truth)))
+    assert error > parassm.DEER().tolerances(jnp.dtype(jnp.float64))[0] * 2
+    with pytest.raises(Exception, match="float64|looser tolerances"):
+        parassm.evaluate(f, s0, xs=xs, solver=parassm.DEER(), throw=True)
+
+    solver = parassm.DEER(rtol=1e-6, atol=1e-7)
+    sol = parassm.evaluate(f, s0, xs=xs, solver=solver, throw=False)
+    assert sol.result == parassm.RESULTS.successful
+    assert float(sol.stats["error_estimate"]) <= 1
+    assert float(jnp.max(jnp.abs(sol.value - truth))) <= 10 * (1e-7 + 1e-6 * 2.2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+def test_contracting_systems_pass_the_estimate_at_once(dtype, getkey):
+    # A contracting GRU: the estimate is about the final residual, within its tolerance
+    # (at times after one tightening), per element under vmap as alone.
+    system = parassm.systems.GRU(hidden_size=8, input_size=2, dtype=dtype)
+    xs = jax.vmap(lambda k: system.inputs(500, key=k))(jr.split(getkey(), 3))
+
+    def run(xs):
+        return parassm.evaluate(system.f, system.s0, xs=xs, solver=parassm.DEER(), throw=False)
+
+    sol = jax.vmap(run)(xs)
+    assert (sol.result == parassm.RESULTS.successful).tolist() == [True] * 3
+    assert bool(jnp.all(sol.stats["error_estimate"] <= 1))
+    single = run(xs[0])
+    np.testing.assert_allclose(single.stats["error_estimate"], sol.stats["error_estimate"][0])
