@@ -54,9 +54,9 @@ def test_a_batch_evaluates_f_as_often_as_one_sequence(solver):
     jax.effects_barrier()
     assert len(calls) == passes
     assert batch.stats["num_steps"].tolist() == [int(single.stats["num_steps"])] * 4
-    assert batch.stats["num_linearisations"].tolist() == [
-        int(single.stats["num_linearisations"])
-    ] * 4
+    assert (
+        batch.stats["num_linearisations"].tolist() == [int(single.stats["num_linearisations"])] * 4
+    )
     # (Batched products round differently.)
     np.testing.assert_allclose(batch.value[0], single.value, rtol=1e-12, atol=1e-14)
 
