@@ -1,8 +1,8 @@
 """The work of the `parassm` command: `parassm demo` and `parassm diagnose`.
 
-The command line is parsed and checked without JAX by the entry point, `_parassm_cli`
-(so that `--help` and usage errors answer at once); this module is imported only after
-that, and runs the JAX work.
+The command line is parsed and checked without JAX by `_front.py` (so that `--help` and
+usage errors answer at once); this module is imported only after that, and runs the JAX
+work.
 """
 
 import argparse
@@ -18,15 +18,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from _parassm_cli import (
-    CLIError,
-    main as main,
-    make_parser as make_parser,
-    one_line,
-    UsageError,
-)
 
-from ._cli_runner import (
+from .. import (
+    BlockQuasiDEER,
+    DEER,
+    diagnose as run_diagnosis,
+    HutchinsonDiagonal,
+    Jacobi,
+    MultipleShooting,
+    Picard,
+    QuasiDEER,
+    Sequential,
+)
+from .._timing import environment, measure
+from ..systems import get, GRU
+from ._errors import CLIError, one_line, UsageError
+from ._runner import (
     compile_each,
     max_error,
     Outcome,
@@ -53,17 +60,6 @@ DEMO_CODE = {
 
 
 def _demo_solvers():
-    from . import (
-        BlockQuasiDEER,
-        DEER,
-        HutchinsonDiagonal,
-        Jacobi,
-        MultipleShooting,
-        Picard,
-        QuasiDEER,
-        Sequential,
-    )
-
     return {
         "Sequential": Sequential(),
         "DEER": DEER(),
@@ -83,9 +79,6 @@ def _enable_dtype(name: str):
 
 
 def demo(args: argparse.Namespace, start: float) -> int:
-    from ._timing import environment, measure
-    from .systems import GRU
-
     deadline = start + args.budget
     dtype = _enable_dtype(args.dtype)
     system = GRU(hidden_size=args.hidden, input_size=4, dtype=dtype)
@@ -257,8 +250,6 @@ def _label(name: str, params: dict) -> str:
 
 
 def _build_system(args: argparse.Namespace, dtype, key):
-    from .systems import get
-
     try:
         system = get(args.system, **args.params, dtype=dtype)
     except (TypeError, ValueError) as e:
@@ -363,9 +354,6 @@ def _build_model(args: argparse.Namespace, dtype, key, progress: Progress):
 
 
 def diagnose(args: argparse.Namespace, start: float) -> int:
-    from . import diagnose as run_diagnosis
-    from ._timing import environment
-
     deadline = start + args.budget
     dtype = _enable_dtype(args.dtype)
     key = jax.random.key(args.seed)
@@ -419,7 +407,7 @@ def diagnose(args: argparse.Namespace, start: float) -> int:
         print(_diagnose_table(report, verbose=args.verbose))
     sys.stdout.flush()
     if args.plot_path is not None:
-        from ._cli_plot import plot
+        from ._plot import plot
 
         try:
             plot(args.plot_path, report, diagnosis.lle_history)
@@ -439,8 +427,6 @@ def _clean(x: Any) -> Any:
 
 
 def _check_solvers() -> dict:
-    from . import DEER, Jacobi, Picard, QuasiDEER, Sequential
-
     return {
         "Sequential": Sequential(),
         "DEER": DEER(),
