@@ -539,13 +539,13 @@ def test_demo_json(capsys):
     code, out, err = run(capsys, ["demo", "--T", "64", "--repeats", "1", "--json"])
     assert code == 0
     report = json.loads(out)
-    assert [r["solver"] for r in report["rows"]] == list(_commands._demo_solvers())
+    assert [r["solver"] for r in report["rows"]] == list(_commands.DEMO_SOLVERS)
     for row in report["rows"]:
         assert row["status"] in ("ok", "stopped")
         if row["status"] == "ok":
             assert row["max_err"] < 1e-3 and row["ratio"] > 0
     assert report["verdict"].startswith("use parassm.")
-    names = list(_commands._demo_solvers())
+    names = list(_commands.DEMO_SOLVERS)
     n = len(names)
     assert f"parassm demo [{n}/{n}]: {names[-1]}: compiling" in err
 
