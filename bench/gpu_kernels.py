@@ -5,11 +5,12 @@
 
 For each recurrence (diagonal `s_t = a_t * s_{t-1} + b_t`; dense `D = 16` and
 block-diagonal `k = 8` for `D = 256`), `T` in {1e4, 1e5, 1e6} and `D` in {16, 256}
-(float32), it times four implementations of the same solve: `pallas` (kernels/),
-`chunked` (`parassm.linear.ChunkedScan`), `associative_scan`
+(float32), it times four implementations of the same solve: `pallas` (`parassm_kernels`,
+in kernels/), `chunked` (`parassm.linear.ChunkedScan`), `associative_scan`
 (`parassm.linear.AssociativeScan`, the default) and `lax_scan` (the sequential reference
-in kernels/_reference.py), and reports each one's error against `lax_scan`. Check rows
-(float64, reverse) compare the kernels with the references on the device.
+in kernels/parassm_kernels/_reference.py), and reports each one's error against
+`lax_scan`. Check rows (float64, reverse) compare the kernels with the references on the
+device.
 
 Each row: impl, case, T, D, k, dtype, compile_s, run_s (median after a warm-up, with
 `block_until_ready`), max_abs_error and max_rel_error vs lax_scan, device, backend,
@@ -28,8 +29,8 @@ import traceback
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-import parassm._kernels as kernels
 import parassm.linear as linear
+import parassm_kernels as kernels
 from parassm._timing import environment, measure
 
 

@@ -2,6 +2,12 @@
 
     python bench/plot.py                          # bench/results/*.json -> docs/img/
     python bench/plot.py --results DIR --out DIR
+    python bench/plot.py --allow-dirty            # plot from a tree with uncommitted changes
+
+Every figure is stamped with the commits its rows measured (each row's `git_sha`) and the
+commit it was plotted at, and says so when the two differ. A tree with uncommitted
+changes to tracked files is refused unless `--allow-dirty` (then the stamp says
+`+dirty`): a figure should come from code anyone can check out.
 
 One set of figures per backend found in the rows (`cpu`, `gpu`, ...):
 
@@ -17,7 +23,9 @@ import argparse
 import collections
 import json
 import pathlib
+import subprocess
 import sys
+import textwrap
 
 import matplotlib
 
@@ -114,7 +122,8 @@ def grid_figure(
                 labels.append(lab)
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=9)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(labels) > 4), 1, 0.95))
+    top = 1 - 0.03 * (title.count("\n") + 1) / nrows
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(labels) > 4), 1, top))
     return fig
 
 
@@ -158,11 +167,36 @@ def lle_figure(rows: list[dict], title: str):
     return fig
 
 
-def describe(rows: list[dict]) -> str:
+def git_state() -> tuple[str, bool]:
+    """`(HEAD's 12-character sha, whether tracked files differ from it)`, or
+    `("unknown", False)` outside a git checkout."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        return git("rev-parse", "--short=12", "HEAD"), bool(
+            git("status", "--porcelain", "--untracked-files=no")
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+
+
+def describe(rows: list[dict], plotted: str, width: int) -> str:
+    """The machine and software of `rows`, the commits they measured, and `plotted`
+    (the commit the figure is drawn at), in lines of at most `width` characters."""
     r = rows[0]
-    return (
-        f"{r.get('backend', '?')} ({r.get('device', '?')}, {r.get('cpu_count', '?')} CPUs), "
-        f"jax {r.get('jax_version', '?')}, {r.get('dtype', '?')}, git {r.get('git_sha', '?')}"
+    shas = collections.Counter(row.get("git_sha") or "unknown" for row in rows)
+    measured = ", ".join(f"{sha} ({n} rows)" if len(shas) > 1 else sha for sha, n in shas.items())
+    plot = f"plotted at {plotted}" + ("" if set(shas) == {plotted} else ", not the rows' commit")
+    return "\n".join(
+        [
+            f"{r.get('backend', '?')} ({r.get('device', '?')}, {r.get('cpu_count', '?')} "
+            f"CPUs), jax {r.get('jax_version', '?')}, {r.get('dtype', '?')}",
+            *textwrap.wrap(f"rows measured at git {measured}; {plot}", width),
+        ]
     )
 
 
@@ -170,7 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Plot bench/results/*.json.")
     parser.add_argument("--results", type=pathlib.Path, default=HERE / "results")
     parser.add_argument("--out", type=pathlib.Path, default=HERE.parent / "docs" / "img")
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="plot even if tracked files have uncommitted changes (the stamp says +dirty)",
+    )
     args = parser.parse_args(argv)
+    head, dirty = git_state()
+    if dirty and not args.allow_dirty:
+        parser.error(
+            "the working tree has uncommitted changes, so the figures would not match any "
+            "commit: commit them first, or pass --allow-dirty (the figures then say +dirty)"
+        )
+    plotted = head + ("+dirty" if dirty else "")
     rows = load_rows(args.results)
     args.out.mkdir(parents=True, exist_ok=True)
     backends = sorted({r.get("backend", "unknown") for r in rows})
@@ -183,20 +229,20 @@ def main(argv: list[str] | None = None) -> int:
             if r.get("bench") in GRID_BENCHES and not r.get("skipped") and "run_s" in r
         ]
         if grid:
-            where = describe(grid)
+            where = describe(grid, plotted, width=120)
             figures = {
                 f"speedup_vs_T_{backend}.png": grid_figure(
                     grid,
                     "speedup",
                     "speed-up over lax.scan",
-                    f"Speed-up over lax.scan (> 1: faster), {where}",
+                    f"Speed-up over lax.scan (> 1: faster)\n{where}",
                     1.0,
                 ),
                 f"steps_vs_T_{backend}.png": grid_figure(
                     grid,
                     "steps",
                     "Newton steps",
-                    f"Newton steps (hollow: hit max_steps), {where}",
+                    f"Newton steps (hollow: hit max_steps)\n{where}",
                     None,
                     leave_out=("Sequential",),
                 ),
@@ -206,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         lle_rows = [r for r in mine if r.get("bench") in LLE_BENCHES]
         if lle_rows:
             figures[f"lle_vs_steps_{backend}.png"] = lle_figure(
-                lle_rows, f"Steps vs predictability\n{describe(lle_rows)}"
+                lle_rows, f"Steps vs predictability\n{describe(lle_rows, plotted, width=60)}"
             )
         for name, fig in figures.items():
             if fig is None:

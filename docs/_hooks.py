@@ -198,7 +198,7 @@ def on_files(files, config):
 
 def cli_help() -> str:
     """The help of the `parassm` command and of each subcommand, as Markdown."""
-    from _parassm_cli import make_parser
+    from parassm._cli._front import make_parser
 
     parser, subcommands = make_parser()
     parts = ["## `parassm`", "", "```text", parser.format_help().rstrip(), "```", ""]

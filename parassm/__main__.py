@@ -1,6 +1,6 @@
 import sys
 
-from _parassm_cli import main
+from ._cli import main
 
 
 sys.exit(main())

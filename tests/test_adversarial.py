@@ -664,7 +664,7 @@ CLI_BAD = [
 
 
 def _usage_error(capsys, argv):
-    import _parassm_cli as front
+    from parassm._cli import _front as front
 
     with pytest.raises(SystemExit) as info:
         front.main(argv)
@@ -683,8 +683,9 @@ def test_cli_bad_input(capsys, argv, message):
 @pytest.mark.parametrize("system, key", [("logistic", "r"), ("lorenz63", "dt")])
 def test_cli_non_finite_parameters(system, key):
     # `--param r=1e999` is `ast.literal_eval`'d to inf: a usage error, not a diagnosis.
-    import _parassm_cli as front
+    from parassm._cli import _front as front
+    from parassm.systems._registry import REGISTRY
 
     value = front.parse_value("1e999")
     with pytest.raises(front.UsageError, match="finite"):
-        front.check_system_param(system, key, value, front.SYSTEMS[system][1][key])
+        front.check_system_param(system, key, value, REGISTRY[system].params[key])

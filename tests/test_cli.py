@@ -12,12 +12,12 @@ import sys
 import time
 import tomllib
 
-import _parassm_cli as front
 import jax.numpy as jnp
 import numpy as np
 import parassm
 import pytest
-from parassm import _cli, _cli_runner
+from parassm._cli import _commands, _front as front, _runner
+from parassm.systems._registry import REGISTRY
 
 from .helpers import sequential
 from .test_docs import assert_same_keys, documented_json
@@ -65,16 +65,16 @@ def usage_error(capsys, argv):
 
 FRONT_END_ONLY = """
 import contextlib, io, json, sys
-import _parassm_cli
+from parassm._cli import main
 codes = []
 for argv in json.loads(sys.argv[1]):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         try:
-            _parassm_cli.main(argv)
+            main(argv)
         except SystemExit as e:
             codes.append(e.code)
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "parassm",
-                                                             "equinox", "numpy"))
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "jaxlib", "equinox",
+                                                             "jaxtyping", "numpy"))
 print(json.dumps({"codes": codes, "heavy": heavy}))
 """
 
@@ -111,9 +111,7 @@ def test_help_and_usage_errors_import_no_jax(tmp_path):
 def test_console_script_is_the_front_end():
     with open(ROOT / "pyproject.toml", "rb") as f:
         project = tomllib.load(f)
-    assert project["project"]["scripts"]["parassm"] == "_parassm_cli:main"
-    wheel = project["tool"]["hatch"]["build"]["targets"]["wheel"]
-    assert wheel["force-include"]["_parassm_cli.py"] == "_parassm_cli.py"
+    assert project["project"]["scripts"]["parassm"] == "parassm._cli:main"
 
 
 def test_help_lists_every_system_and_parameter(capsys):
@@ -121,29 +119,25 @@ def test_help_lists_every_system_and_parameter(capsys):
         front.main(["diagnose", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for name, (_, params) in front.SYSTEMS.items():
+    for name, entry in REGISTRY.items():
         assert f"\n  {name} " in out
-        for key in params:
+        for key in entry.params:
             assert f"{key}=" in out
     assert "exit status" in out and "--budget" in out and "T, dtype and key" in out
 
 
-def test_static_systems_table_matches_the_registry():
+def test_registry_describes_each_constructor():
     registry = parassm.systems.SYSTEMS
-    assert list(front.SYSTEMS) == list(registry)
+    assert list(registry) == list(REGISTRY)
     for name, cls in registry.items():
-        summary, params = front.SYSTEMS[name]
-        assert summary
+        assert cls.name == name and REGISTRY[name].summary
+        params = REGISTRY[name].params
         signature = inspect.signature(cls.__init__).parameters
         expected = {k: p.default for k, p in signature.items() if k not in ("self", "dtype", "key")}
         assert list(params) == list(expected), name
         for key, param in params.items():
             default = expected[key]
-            assert param.default == default, (name, key)
-            kind = {float: "float", int: "int", str: "str", tuple: "vector"}[type(default)]
-            assert param.kind == kind, (name, key)
-            if kind == "vector":
-                assert param.length == len(default)
+            assert param.default == default and type(param.default) is type(default), (name, key)
             # The default passes the CLI's own check, and builds the system.
             assert front.check_system_param(name, key, default, param) == default
         parassm.systems.get(name, **{k: p.default for k, p in params.items()})
@@ -288,7 +282,7 @@ def test_failure_inside_the_work_is_one_line(capsys, monkeypatch):
     def fail(args, start):
         raise RuntimeError("first line\nsecond line")
 
-    monkeypatch.setitem(_cli.COMMANDS, "diagnose", fail)
+    monkeypatch.setitem(_commands.COMMANDS, "diagnose", fail)
     code, out, err = run(capsys, ARGS)
     assert code == 1 and out == ""
     assert err.strip() == "parassm diagnose: error: RuntimeError: first line"
@@ -298,7 +292,7 @@ def test_interrupt_exits_130(capsys, monkeypatch):
     def interrupted(args, start):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(_cli.COMMANDS, "demo", interrupted)
+    monkeypatch.setitem(_commands.COMMANDS, "demo", interrupted)
     code, _, err = run(capsys, ["demo"])
     assert code == 130 and "interrupted" in err
 
@@ -318,11 +312,11 @@ def test_chunked_run_takes_the_steps_of_one_call():
     direct = parassm.evaluate(f, s0, xs=xs, solver=parassm.Jacobi())
     steps = int(direct.stats["num_steps"])
     assert steps > 8  # the run below needs several chunks
-    progress = _cli_runner.Progress("test", stream=io.StringIO())
-    compiled = _cli_runner.compile_solver(
+    progress = _runner.Progress("test", stream=io.StringIO())
+    compiled = _runner.compile_solver(
         "Jacobi", parassm.Jacobi(), f, s0, xs, 120, progress=progress, chunk=3
     )
-    outcome = _cli_runner.run_compiled(
+    outcome = _runner.run_compiled(
         compiled, deadline=time.perf_counter() + 600, repeats=2, progress=progress
     )
     assert outcome.status == "ok" and outcome.steps == steps
@@ -333,12 +327,12 @@ def test_chunked_run_takes_the_steps_of_one_call():
 def test_budget_stops_cleanly_and_resumes():
     f, s0, xs = _contraction()
     steps = int(parassm.evaluate(f, s0, xs=xs, solver=parassm.Jacobi()).stats["num_steps"])
-    progress = _cli_runner.Progress("test", stream=io.StringIO())
-    compiled = _cli_runner.compile_solver(
+    progress = _runner.Progress("test", stream=io.StringIO())
+    compiled = _runner.compile_solver(
         "Jacobi", parassm.Jacobi(), f, s0, xs, 120, progress=progress, chunk=3
     )
     # A deadline already passed: one chunk runs, then the run stops with what it has.
-    stopped = _cli_runner.run_compiled(
+    stopped = _runner.run_compiled(
         compiled, deadline=time.perf_counter(), repeats=3, progress=progress
     )
     assert stopped.status == "stopped" and stopped.steps == 3
@@ -350,7 +344,7 @@ def test_budget_stops_cleanly_and_resumes():
     reference = sequential(f, s0, xs)
     k = stopped.converged
     np.testing.assert_allclose(stopped.value[:k], reference[:k], rtol=0, atol=1e-10)
-    resumed = _cli_runner.run_compiled(
+    resumed = _runner.run_compiled(
         compiled,
         deadline=time.perf_counter() + 600,
         repeats=0,
@@ -364,13 +358,13 @@ def test_budget_stops_cleanly_and_resumes():
 def test_a_solver_that_raises_is_a_failed_row_not_a_crash():
     f, s0, xs = _contraction()
     stream = io.StringIO()
-    compiled, failed = _cli_runner.compile_each(
+    compiled, failed = _runner.compile_each(
         {"Jacobi": parassm.Jacobi(), "bad": "not a solver"},
         f,
         s0,
         xs,
         120,
-        progress=lambda name: _cli_runner.Progress("test", stream=stream),
+        progress=lambda name: _runner.Progress("test", stream=stream),
     )
     assert [c.name for c in compiled] == ["Jacobi"]
     assert failed["bad"].status == "failed" and "TypeError" in failed["bad"].result
@@ -379,11 +373,11 @@ def test_a_solver_that_raises_is_a_failed_row_not_a_crash():
         raise RuntimeError("RESOURCE_EXHAUSTED: out of memory\nmore")
 
     broken = dataclasses.replace(compiled[0], program=out_of_memory)
-    outcome = _cli_runner.run_compiled(
+    outcome = _runner.run_compiled(
         broken,
         deadline=time.perf_counter() + 60,
         repeats=0,
-        progress=_cli_runner.Progress("test", stream=stream),
+        progress=_runner.Progress("test", stream=stream),
     )
     assert outcome.status == "failed" and outcome.run_s is None
     assert outcome.result == "RuntimeError: RESOURCE_EXHAUSTED: out of memory"
@@ -391,7 +385,7 @@ def test_a_solver_that_raises_is_a_failed_row_not_a_crash():
 
 
 def _outcome(name, status, run_s, steps=3):
-    return _cli_runner.Outcome(name, status, "", steps, 0, 100, 1.0, run_s, run_s, 1)
+    return _runner.Outcome(name, status, "", steps, 0, 100, 1.0, run_s, run_s, 1)
 
 
 def test_stopped_note_extrapolates_a_crawl():
@@ -406,13 +400,13 @@ def test_demo_verdict_names_the_fastest():
         _outcome("Jacobi", "ok", 0.2),
         _outcome("Picard", "stopped", 0.01),
     ]
-    verdict = _cli._verdict(outcomes, ref_run=0.001, length=100)
+    verdict = _commands._verdict(outcomes, ref_run=0.001, length=100)
     assert (
         verdict.startswith("use parassm.Sequential() (lax.scan)") and "Jacobi, took 200x" in verdict
     )
-    verdict = _cli._verdict(outcomes, ref_run=1.0, length=100)
+    verdict = _commands._verdict(outcomes, ref_run=1.0, length=100)
     assert verdict.startswith("use parassm.Jacobi()") and "5x faster" in verdict
-    verdict = _cli._verdict(outcomes[:1] + outcomes[3:], ref_run=1.0, length=100)
+    verdict = _commands._verdict(outcomes[:1] + outcomes[3:], ref_run=1.0, length=100)
     assert "no parallel solver finished" in verdict
 
 
@@ -545,13 +539,13 @@ def test_demo_json(capsys):
     code, out, err = run(capsys, ["demo", "--T", "64", "--repeats", "1", "--json"])
     assert code == 0
     report = json.loads(out)
-    assert [r["solver"] for r in report["rows"]] == list(_cli._demo_solvers())
+    assert [r["solver"] for r in report["rows"]] == list(_commands.DEMO_SOLVERS)
     for row in report["rows"]:
         assert row["status"] in ("ok", "stopped")
         if row["status"] == "ok":
             assert row["max_err"] < 1e-3 and row["ratio"] > 0
     assert report["verdict"].startswith("use parassm.")
-    names = list(_cli._demo_solvers())
+    names = list(_commands.DEMO_SOLVERS)
     n = len(names)
     assert f"parassm demo [{n}/{n}]: {names[-1]}: compiling" in err
 

@@ -31,12 +31,12 @@ import sys
 import textwrap
 import tomllib
 
-import _parassm_cli as front
 import jax
 import jax.numpy as jnp
 import numpy as np
 import parassm
 import pytest
+from parassm._cli import _front as front
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -226,15 +226,15 @@ def test_every_json_block_is_checked():
 
 
 def test_demo_json_is_documented(monkeypatch):
-    from parassm import _cli, _cli_runner
+    from parassm._cli import _commands, _runner
 
     value = jnp.zeros((5, 2))
-    ok = _cli_runner.Outcome("DEER", "ok", "successful", 3, 5, 5, 1.0, 0.1, 0.1, 2, value)
-    stopped = _cli_runner.Outcome(
+    ok = _runner.Outcome("DEER", "ok", "successful", 3, 5, 5, 1.0, 0.1, 0.1, 2, value)
+    stopped = _runner.Outcome(
         "Picard", "stopped", "max_steps_reached", 32, 2, 5, 1.0, 3.0, 3.0, 0, value
     )
-    rows = [_cli._demo_row(o, value, 0.01) for o in (ok, stopped)]
-    report = _cli._demo_report(
+    rows = [_commands._demo_row(o, value, 0.01) for o in (ok, stopped)]
+    report = _commands._demo_report(
         T=5,
         hidden=2,
         dtype="float32",
@@ -388,7 +388,7 @@ def test_stated_default_solver_is_the_code_s():
 
 
 def test_stated_cli_defaults_are_the_code_s():
-    from parassm import _cli_runner
+    from parassm._cli import _runner
 
     _, sub = front.make_parser()
     demo_budget = int(sub["demo"].get_default("budget"))
@@ -400,9 +400,9 @@ def test_stated_cli_defaults_are_the_code_s():
         ("docs/cli.md", r"`parassm demo --budget SECONDS` \(default (\d+)\)", demo_budget),
         ("docs/cli.md", r"--check --budget SECONDS` \(default (\d+)\)", check_budget),
         ("docs/choosing.md", r"\(`--budget`, (\d+) s by default\)", demo_budget),
-        ("docs/cli.md", r"chunks of (\d+) Newton iterations", _cli_runner.CHUNK),
-        ("docs/getting-started/cli.md", r"chunk of (\d+) iterations", _cli_runner.CHUNK),
-        ("docs/getting-started/cli.md", r"first (\d+) iterations", _cli_runner.CHUNK),
+        ("docs/cli.md", r"chunks of (\d+) Newton iterations", _runner.CHUNK),
+        ("docs/getting-started/cli.md", r"chunk of (\d+) iterations", _runner.CHUNK),
+        ("docs/getting-started/cli.md", r"first (\d+) iterations", _runner.CHUNK),
     ]
     for page, pattern, value in claims:
         found = re.findall(pattern, _text(page))

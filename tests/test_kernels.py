@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import parassm
-import parassm._kernels as kernels
 import parassm.linear as linear
+import parassm_kernels as kernels
 import pytest
 
 from .helpers import linear_loop as _loop, sequential

@@ -214,7 +214,7 @@ class ChunkedScan(AbstractScanImpl):
 
 
 class PallasScan(AbstractScanImpl):
-    """Fused chunked Pallas kernels (`kernels/`, installed as `parassm._kernels`).
+    """Fused chunked Pallas kernels (the `parassm_kernels` package, in `kernels/`).
 
     Each program scans one chunk of time for a block of components sequentially; a
     short associative scan combines the chunk summaries; a second kernel replays each
@@ -244,17 +244,17 @@ class PallasScan(AbstractScanImpl):
             raise ValueError(f"`chunk_size` must be a power of two, got {self.chunk_size}.")
 
     def _kernel_scan(self, transition, a, b, reverse):
-        from .. import _kernels
+        import parassm_kernels as kernels
 
         options = dict(reverse=reverse, chunk_size=self.chunk_size, interpret=self.interpret)
         if isinstance(transition, Diagonal):
-            return _kernels.diagonal_scan(a, b, **options)
+            return kernels.diagonal_scan(a, b, **options)
         if isinstance(transition, Scalar):
-            return _kernels.diagonal_scan(jnp.broadcast_to(a[:, None], b.shape), b, **options)
+            return kernels.diagonal_scan(jnp.broadcast_to(a[:, None], b.shape), b, **options)
         if isinstance(transition, BlockDiagonal):
-            return _kernels.block_scan(a, b, **options)
+            return kernels.block_scan(a, b, **options)
         if isinstance(transition, Dense):
-            return _kernels.block_scan(a[:, None], b, **options)
+            return kernels.block_scan(a[:, None], b, **options)
         raise AssertionError(type(transition))
 
     def scan(self, transition, b, *, reverse):
@@ -281,14 +281,14 @@ class PallasScan(AbstractScanImpl):
 
 
 def _has_kernel(transition: AbstractTransition) -> bool:
-    from .. import _kernels
+    import parassm_kernels as kernels
 
     if isinstance(transition, Diagonal | Scalar):
         return True
     if isinstance(transition, BlockDiagonal):
-        return transition.blocks.shape[-1] <= _kernels.MAX_BLOCK_SIZE
+        return transition.blocks.shape[-1] <= kernels.MAX_BLOCK_SIZE
     if isinstance(transition, Dense):
-        return transition.matrices.shape[-1] <= _kernels.MAX_BLOCK_SIZE
+        return transition.matrices.shape[-1] <= kernels.MAX_BLOCK_SIZE
     return False
 
 

@@ -32,14 +32,13 @@ from ._predict import (
     factor,
     iteration_time,
     shooting_time,
-    SOLVER_NAMES,
     trial_solver,
 )
 from ._trial import converged_prefix_history, steps_to_reach
 
 
 REGIMES = ("predictable", "marginal", "unpredictable")
-# The solvers `diagnose(solvers=...)` knows by name.
+# The solvers `diagnose(solvers=...)` knows by name, and predicts by default.
 BY_NAME = {"DEER": DEER, "QuasiDEER": QuasiDEER, "ELK": ELK, "Picard": Picard, "Jacobi": Jacobi}
 # Parallel evaluation must be predicted this much cheaper than sequential to be chosen.
 MARGIN = 1.5
@@ -76,13 +75,13 @@ def fast_limit(length: int) -> float:
 
 def as_solvers(solvers: Sequence) -> tuple[tuple[str, ...], tuple[AbstractParallelSolver, ...]]:
     """Names (for reports) and instances of the solvers to predict: names among
-    `SOLVER_NAMES` or parallel solver instances."""
+    `BY_NAME` or parallel solver instances."""
     names, out = [], []
     for solver in solvers:
         if isinstance(solver, str):
             if solver not in BY_NAME:
                 raise ValueError(
-                    f"Unknown solver {solver!r} to predict; choose from {', '.join(SOLVER_NAMES)}."
+                    f"Unknown solver {solver!r} to predict; choose from {', '.join(BY_NAME)}."
                 )
             solver = BY_NAME[solver]()
         if not isinstance(solver, AbstractParallelSolver):
@@ -509,7 +508,7 @@ def diagnose(
     *,
     xs: PyTree | None = None,
     dt: float | None = None,
-    solvers: Sequence[str | AbstractSolver] = SOLVER_NAMES,
+    solvers: Sequence[str | AbstractSolver] = tuple(BY_NAME),
     hardware: Hardware | None = None,
     proxy_length: int | None = None,
     lle_steps: int = 512,

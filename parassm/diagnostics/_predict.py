@@ -29,7 +29,8 @@ import functools as ft
 import json
 import math
 import pathlib
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
@@ -46,7 +47,6 @@ from ._trial import steps_to_reach
 
 
 CALIBRATION_FILE = pathlib.Path(__file__).with_name("calibration.json")
-SOLVER_NAMES = ("DEER", "QuasiDEER", "ELK", "Picard", "Jacobi")
 
 
 @ft.cache
@@ -120,37 +120,70 @@ class Work(NamedTuple):
 
 
 def work(solver: AbstractParallelSolver, size: int) -> Work:
-    """The cost of one iteration of `solver` at state size `size` (see `Work`)."""
-    rtol, atol = solver.rtol, solver.atol
-    dense = (4.0 * size**3, 2.0 * size**2)  # matrix products / matrix-vector products
-    # (Quasi-)ELK with a search that never damps (the default) runs (quasi-)DEER's
-    # iteration plus one evaluation of `f` (the values apart from the maps); one that
-    # may damp is costed with a Kalman smoother's flops and twice the evaluations.
-    if isinstance(solver, ELK):
-        trial = DEER(jacobian=solver.jacobian, rtol=rtol, atol=atol)
-        if not solver.search.may_damp:
-            return _one_more_evaluation(work(trial, size))
-        return Work(trial, 2.0 * (1 + size), 12.0 * size**3, dense[1])
-    if isinstance(solver, QuasiELK):
-        trial = QuasiDEER(diagonal=solver.diagonal, rtol=rtol, atol=atol)
-        if not solver.search.may_damp:
-            return _one_more_evaluation(work(trial, size))
-        evaluations = 2.0 * _diagonal_evaluations(solver.diagonal, size)
-        return Work(trial, evaluations, 24.0 * size, 2.0 * size)
-    if isinstance(solver, DEER):
-        evaluations = 2.0 if isinstance(solver.jacobian, FunctionJacobian) else 1.0 + size
-        return Work(solver, evaluations, *dense)
-    if isinstance(solver, QuasiDEER):
-        return Work(solver, _diagonal_evaluations(solver.diagonal, size), 8.0 * size, 2.0 * size)
-    if isinstance(solver, BlockQuasiDEER):
-        k = solver.block_size
-        return Work(solver, 1.0 + size, 4.0 * size * k**2, 2.0 * size * k)
-    if isinstance(solver, Picard):
-        return Work(solver, 1.0, 4.0 * size, 2.0 * size)
-    if isinstance(solver, Jacobi):
-        return Work(solver, 1.0, 2.0 * size, 2.0 * size)
-    # An unknown parallel solver: costed like DEER, and trialled as itself.
-    return Work(solver, 1.0 + size, *dense)
+    """The cost of one iteration of `solver` at state size `size` (see `Work`): the
+    entry of `WORK` for its class. An unknown parallel solver is costed like DEER, and
+    trialled as itself."""
+    cost = WORK.get(type(solver))
+    if cost is None:
+        return Work(solver, 1.0 + size, *_dense(size))
+    return cost(solver, size)
+
+
+def _dense(size: int) -> tuple[float, float]:
+    """Flops of a product of `size x size` matrices, and of a matrix-vector product."""
+    return 4.0 * size**3, 2.0 * size**2
+
+
+# (Quasi-)ELK with a search that never damps (the default) runs (quasi-)DEER's iteration
+# plus one evaluation of `f` (the values apart from the maps); one that may damp is
+# costed with a Kalman smoother's flops and twice the evaluations.
+def _elk(solver: ELK, size: int) -> Work:
+    trial = DEER(jacobian=solver.jacobian, rtol=solver.rtol, atol=solver.atol)
+    if not solver.search.may_damp:
+        return _one_more_evaluation(work(trial, size))
+    return Work(trial, 2.0 * (1 + size), 12.0 * size**3, _dense(size)[1])
+
+
+def _quasi_elk(solver: QuasiELK, size: int) -> Work:
+    trial = QuasiDEER(diagonal=solver.diagonal, rtol=solver.rtol, atol=solver.atol)
+    if not solver.search.may_damp:
+        return _one_more_evaluation(work(trial, size))
+    evaluations = 2.0 * _diagonal_evaluations(solver.diagonal, size)
+    return Work(trial, evaluations, 24.0 * size, 2.0 * size)
+
+
+def _deer(solver: DEER, size: int) -> Work:
+    evaluations = 2.0 if isinstance(solver.jacobian, FunctionJacobian) else 1.0 + size
+    return Work(solver, evaluations, *_dense(size))
+
+
+def _quasi_deer(solver: QuasiDEER, size: int) -> Work:
+    return Work(solver, _diagonal_evaluations(solver.diagonal, size), 8.0 * size, 2.0 * size)
+
+
+def _block_quasi_deer(solver: BlockQuasiDEER, size: int) -> Work:
+    k = solver.block_size
+    return Work(solver, 1.0 + size, 4.0 * size * k**2, 2.0 * size * k)
+
+
+def _picard(solver: Picard, size: int) -> Work:
+    return Work(solver, 1.0, 4.0 * size, 2.0 * size)
+
+
+def _jacobi(solver: Jacobi, size: int) -> Work:
+    return Work(solver, 1.0, 2.0 * size, 2.0 * size)
+
+
+# The cost model, one entry per solver class (every solver class is final).
+WORK: dict[type, Callable[[Any, int], Work]] = {
+    DEER: _deer,
+    QuasiDEER: _quasi_deer,
+    BlockQuasiDEER: _block_quasi_deer,
+    Picard: _picard,
+    Jacobi: _jacobi,
+    ELK: _elk,
+    QuasiELK: _quasi_elk,
+}
 
 
 def _one_more_evaluation(w: Work) -> Work:

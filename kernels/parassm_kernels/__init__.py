@@ -1,6 +1,7 @@
 """Pallas kernels for the linear-recurrence step, each with the pure-JAX reference it is
-tested against. Installed as `parassm._kernels` (see kernels/README.md); use them
-through `parassm.linear.solve(..., scan_impl=parassm.linear.PallasScan())`."""
+tested against. An ordinary package, `parassm_kernels`, shipped in the same distribution
+as `parassm` (see kernels/README.md); use them through
+`parassm.linear.solve(..., scan_impl=parassm.linear.PallasScan())`."""
 
 from ._block import block_scan as block_scan, MAX_BLOCK_SIZE as MAX_BLOCK_SIZE
 from ._diagonal import diagonal_scan as diagonal_scan

@@ -1,8 +1,8 @@
 """The work of the `parassm` command: `parassm demo` and `parassm diagnose`.
 
-The command line is parsed and checked without JAX by the entry point, `_parassm_cli`
-(so that `--help` and usage errors answer at once); this module is imported only after
-that, and runs the JAX work.
+The command line is parsed and checked without JAX by `_front.py` (so that `--help` and
+usage errors answer at once); this module is imported only after that, and runs the JAX
+work.
 """
 
 import argparse
@@ -18,15 +18,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from _parassm_cli import (
-    CLIError,
-    main as main,
-    make_parser as make_parser,
-    one_line,
-    UsageError,
-)
 
-from ._cli_runner import (
+from .. import (
+    AbstractSolver,
+    BlockQuasiDEER,
+    DEER,
+    diagnose as run_diagnosis,
+    HutchinsonDiagonal,
+    Jacobi,
+    MultipleShooting,
+    Picard,
+    QuasiDEER,
+    Sequential,
+)
+from .._timing import environment, measure
+from ..diagnostics._diagnose import BY_NAME
+from ..systems import get, GRU
+from ._errors import CLIError, one_line, UsageError
+from ._runner import (
     compile_each,
     max_error,
     Outcome,
@@ -39,41 +48,23 @@ from ._cli_runner import (
 
 # -- parassm demo ---------------------------------------------------------------------------
 
-# How each demo solver is written in code, for the verdict.
-DEMO_CODE = {
-    "Sequential": "parassm.Sequential()",
-    "DEER": "parassm.DEER()",
-    "QuasiDEER": "parassm.QuasiDEER()",
-    "QuasiDEER(Hutchinson)": "parassm.QuasiDEER(parassm.HutchinsonDiagonal())",
-    "BlockQuasiDEER(4)": "parassm.BlockQuasiDEER(4)",
-    "Picard": "parassm.Picard()",
-    "Jacobi": "parassm.Jacobi()",
-    "MultipleShooting(Jacobi)": "parassm.MultipleShooting(parassm.Jacobi())",
+# The demo's solvers, each with how it is written in code (for the verdict).
+DEMO_SOLVERS: dict[str, tuple[AbstractSolver, str]] = {
+    "Sequential": (Sequential(), "parassm.Sequential()"),
+    "DEER": (DEER(), "parassm.DEER()"),
+    "QuasiDEER": (QuasiDEER(), "parassm.QuasiDEER()"),
+    "QuasiDEER(Hutchinson)": (
+        QuasiDEER(HutchinsonDiagonal()),
+        "parassm.QuasiDEER(parassm.HutchinsonDiagonal())",
+    ),
+    "BlockQuasiDEER(4)": (BlockQuasiDEER(4), "parassm.BlockQuasiDEER(4)"),
+    "Picard": (Picard(), "parassm.Picard()"),
+    "Jacobi": (Jacobi(), "parassm.Jacobi()"),
+    "MultipleShooting(Jacobi)": (
+        MultipleShooting(Jacobi()),
+        "parassm.MultipleShooting(parassm.Jacobi())",
+    ),
 }
-
-
-def _demo_solvers():
-    from . import (
-        BlockQuasiDEER,
-        DEER,
-        HutchinsonDiagonal,
-        Jacobi,
-        MultipleShooting,
-        Picard,
-        QuasiDEER,
-        Sequential,
-    )
-
-    return {
-        "Sequential": Sequential(),
-        "DEER": DEER(),
-        "QuasiDEER": QuasiDEER(),
-        "QuasiDEER(Hutchinson)": QuasiDEER(HutchinsonDiagonal()),
-        "BlockQuasiDEER(4)": BlockQuasiDEER(4),
-        "Picard": Picard(),
-        "Jacobi": Jacobi(),
-        "MultipleShooting(Jacobi)": MultipleShooting(Jacobi()),
-    }
 
 
 def _enable_dtype(name: str):
@@ -83,9 +74,6 @@ def _enable_dtype(name: str):
 
 
 def demo(args: argparse.Namespace, start: float) -> int:
-    from ._timing import environment, measure
-    from .systems import GRU
-
     deadline = start + args.budget
     dtype = _enable_dtype(args.dtype)
     system = GRU(hidden_size=args.hidden, input_size=4, dtype=dtype)
@@ -107,7 +95,7 @@ def demo(args: argparse.Namespace, start: float) -> int:
 
     progress.line("lax.scan (the baseline): compiling and timing ...")
     reference, ref_compile, ref_run = measure(sequential, xs, repeats=max(args.repeats, 1))
-    solvers = _demo_solvers()
+    solvers = {name: solver for name, (solver, _) in DEMO_SOLVERS.items()}
     n = len(solvers)
     labels = {name: Progress(f"parassm demo [{i + 1}/{n}]") for i, name in enumerate(solvers)}
     compiled, failed = compile_each(
@@ -201,7 +189,7 @@ def _verdict(outcomes: list[Outcome], ref_run: float, length: int) -> str:
     best = min(parallel, key=lambda o: o.run_s)
     if best.run_s < ref_run:
         return (
-            f"use {DEMO_CODE[best.name]} for sequences like this one: it was "
+            f"use {DEMO_SOLVERS[best.name][1]} for sequences like this one: it was "
             f"{ref_run / best.run_s:.3g}x faster than lax.scan at T={length} on this machine."
         )
     return (
@@ -257,8 +245,6 @@ def _label(name: str, params: dict) -> str:
 
 
 def _build_system(args: argparse.Namespace, dtype, key):
-    from .systems import get
-
     try:
         system = get(args.system, **args.params, dtype=dtype)
     except (TypeError, ValueError) as e:
@@ -363,9 +349,6 @@ def _build_model(args: argparse.Namespace, dtype, key, progress: Progress):
 
 
 def diagnose(args: argparse.Namespace, start: float) -> int:
-    from . import diagnose as run_diagnosis
-    from ._timing import environment
-
     deadline = start + args.budget
     dtype = _enable_dtype(args.dtype)
     key = jax.random.key(args.seed)
@@ -419,7 +402,7 @@ def diagnose(args: argparse.Namespace, start: float) -> int:
         print(_diagnose_table(report, verbose=args.verbose))
     sys.stdout.flush()
     if args.plot_path is not None:
-        from ._cli_plot import plot
+        from ._plot import plot
 
         try:
             plot(args.plot_path, report, diagnosis.lle_history)
@@ -438,22 +421,12 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _check_solvers() -> dict:
-    from . import DEER, Jacobi, Picard, QuasiDEER, Sequential
-
-    return {
-        "Sequential": Sequential(),
-        "DEER": DEER(),
-        "QuasiDEER": QuasiDEER(),
-        "Picard": Picard(),
-        "Jacobi": Jacobi(),
-    }
-
-
 def _run_check(f, s0, xs, T, diagnosis, deadline: float, progress: Progress) -> dict:
-    """Run Sequential and the parallel solvers the diagnosis predicts (ELK excepted),
-    cheapest predicted first, each within its share of what is left of the budget."""
-    solvers = _check_solvers()
+    """Run Sequential and the parallel solvers the diagnosis predicts (ELK excepted:
+    slow to compile and run), cheapest predicted first, each within its share of what
+    is left of the budget."""
+    solvers = {"Sequential": Sequential()}
+    solvers |= {name: cls() for name, cls in BY_NAME.items() if name != "ELK"}
     compiled_list, outcomes = compile_each(solvers, f, s0, xs, T, progress=lambda n: progress)
     compiled = {c.name: c for c in compiled_list}
     if "Sequential" in compiled:

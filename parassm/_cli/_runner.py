@@ -22,9 +22,9 @@ from typing import Any, TextIO
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from _parassm_cli import one_line
 
-from . import AbstractSolver, evaluate, RESULTS, Sequential
+from .. import AbstractSolver, evaluate, RESULTS, Sequential
+from ._errors import one_line
 
 
 CHUNK = 16

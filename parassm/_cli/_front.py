@@ -1,10 +1,11 @@
 """The front end of the `parassm` command: the parser and every check of the command line.
 
-This module imports only the standard library, and it lives outside the `parassm`
-package because importing anything inside the package imports JAX (seconds on an idle
-machine, tens of seconds on a loaded one). `parassm --help`, `parassm diagnose --help`
-and every usage error are answered from here; JAX is imported (by `parassm._cli`) only
-once the command line has passed every check below.
+This module imports no JAX (only the standard library, the registry of systems and the
+command's errors; `import parassm` itself imports nothing heavy), because importing JAX
+takes seconds on an idle machine and tens of seconds on a loaded one.
+`parassm --help`, `parassm diagnose --help` and every usage error are answered from
+here; JAX is imported (by `_commands.py`) only once the command line has passed every
+check below.
 
 Exit status: 0 success; 1 the computation failed (the model raised, its shapes do not
 fit, ...); 2 usage error (anything wrong with the command line, found before any long
@@ -23,103 +24,13 @@ import textwrap
 import time
 from typing import Any
 
+from ..systems._registry import Param, REGISTRY
+from ._errors import CLIError, EXIT_FAILURE, EXIT_INTERRUPTED, one_line, UsageError
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-@dataclasses.dataclass(frozen=True)
-class Param:
-    """One parameter of a reference system, as `--param NAME=VALUE` accepts it."""
-
-    kind: str  # "float", "int", "str" or "vector"
-    default: Any
-    choices: tuple[str, ...] = ()
-    positive: bool = False
-    length: int = 0  # of a "vector"
-
-    def describe(self) -> str:
-        if self.kind == "str":
-            return "|".join(self.choices) if self.choices else "text"
-        if self.kind == "vector":
-            return f"{self.length} numbers"
-        return ("positive " if self.positive else "") + (
-            "integer" if self.kind == "int" else "number"
-        )
-
-
-# The systems of `parassm.systems.SYSTEMS` and the parameters of their constructors
-# (without `dtype`, set by `--dtype`, and `key`, fixed so that results are reproducible).
-# A static copy, so that `--help` and the checks need no JAX; `tests/test_cli.py` checks
-# it against the registry, so the two cannot drift apart.
-SYSTEMS: dict[str, tuple[str, dict[str, Param]]] = {
-    "logistic": (
-        "logistic map x -> r x (1 - x); chaotic at r=4 (LLE ln 2)",
-        {"r": Param("float", 4.0), "x0": Param("float", 0.3)},
-    ),
-    "tent": (
-        "tent map x -> mu min(x, 1 - x); LLE ln mu",
-        {"mu": Param("float", 1.9), "x0": Param("float", 0.2)},
-    ),
-    "henon": (
-        "Henon map; chaotic at a=1.4, b=0.3",
-        {
-            "a": Param("float", 1.4),
-            "b": Param("float", 0.3),
-            "s0": Param("vector", (0.1, 0.1), length=2),
-        },
-    ),
-    "lorenz63": (
-        "one-step map of the Lorenz-63 flow (chaotic)",
-        {
-            "dt": Param("float", 0.01, positive=True),
-            "integrator": Param("str", "rk4", choices=("euler", "rk4")),
-            "sigma": Param("float", 10.0),
-            "rho": Param("float", 28.0),
-            "beta": Param("float", 8.0 / 3.0),
-            "s0": Param("vector", (1.0, 1.0, 1.0), length=3),
-        },
-    ),
-    "two_well": (
-        "Langevin sampler of a two-well potential (contracting on average)",
-        {
-            "step": Param("float", 0.01, positive=True),
-            "separation": Param("float", 2.0),
-            "s0": Param("vector", (0.0, 0.0), length=2),
-        },
-    ),
-    "mean_field": (
-        "mean-field RNN s -> W tanh(s) + u; chaotic for gain g above about 1.2",
-        {
-            "size": Param("int", 100, positive=True),
-            "g": Param("float", 1.5),
-            "input_scale": Param("float", 0.1),
-        },
-    ),
-    "tanh_rnn": (
-        "scalar RNN s -> tanh(a s + u); contracting but very nonlinear for large a",
-        {"a": Param("float", 3.0), "s0": Param("float", 0.0)},
-    ),
-    "gru": (
-        "random GRU cell driven by Gaussian inputs",
-        {
-            "hidden_size": Param("int", 16, positive=True),
-            "input_size": Param("int", 4, positive=True),
-        },
-    ),
-    "s5": ("products of random 5x5 permutations (LLE 0)", {}),
-}
 
 # Keyword arguments a model factory may declare to receive the command's settings.
 FACTORY_SETTINGS = {"T": "--T", "dtype": "--dtype", "key": "--seed"}
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps")
-
-
-class UsageError(Exception):
-    """Something wrong with the command line (exit status 2, with the usage)."""
-
-
-class CLIError(Exception):
-    """The computation failed, with a one-line message (exit status 1)."""
 
 
 # -- Checks of single values (argparse types) ---------------------------------------------
@@ -166,10 +77,10 @@ def _wrap(*paragraphs: str) -> str:
 def systems_help() -> str:
     """The systems and their parameters, for `--help`."""
     lines = ["systems (--system NAME, --param KEY=VALUE, defaults shown):"]
-    for name, (summary, params) in SYSTEMS.items():
-        lines.append(f"  {name:<11} {summary}")
-        if params:
-            shown = "  ".join(f"{k}={_literal(p.default)}" for k, p in params.items())
+    for name, entry in REGISTRY.items():
+        lines.append(f"  {name:<11} {entry.summary}")
+        if entry.params:
+            shown = "  ".join(f"{k}={_literal(p.default)}" for k, p in entry.params.items())
             lines.append(f"  {'':<11}   {shown}")
     return "\n".join(lines)
 
@@ -209,7 +120,7 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentP
         prog="parassm",
         description="Parallel evaluation of nonlinear recurrences, and whether it pays off.",
         epilog=_wrap(
-            f"Reference systems for 'parassm diagnose': {', '.join(SYSTEMS)} (their "
+            f"Reference systems for 'parassm diagnose': {', '.join(REGISTRY)} (their "
             "parameters: parassm diagnose --help).",
             EXIT_HELP,
         ),
@@ -353,7 +264,7 @@ def check_system_param(system: str, key: str, value: Any, param: Param) -> Any:
     elif param.kind == "vector":
         if not (
             isinstance(value, tuple | list)
-            and len(value) == param.length
+            and len(value) == len(param.default)
             and all(_is_number(v) for v in value)
         ):
             raise UsageError(f"{expected} such as {_literal(param.default)}, got {value!r}")
@@ -496,14 +407,14 @@ def check_diagnose(args: argparse.Namespace) -> None:
     params = parse_params(args.param)
     args.model_spec = None
     if args.system is not None:
-        if args.system not in SYSTEMS:
-            close = [n for n in SYSTEMS if n.startswith(args.system[:3].lower())]
+        if args.system not in REGISTRY:
+            close = [n for n in REGISTRY if n.startswith(args.system[:3].lower())]
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise UsageError(
-                f"unknown system {args.system!r}{hint}; choose from {', '.join(SYSTEMS)} "
+                f"unknown system {args.system!r}{hint}; choose from {', '.join(REGISTRY)} "
                 "(parameters: parassm diagnose --help)"
             )
-        accepted = SYSTEMS[args.system][1]
+        accepted = REGISTRY[args.system].params
         for key, value in params.items():
             if key not in accepted:
                 names = ", ".join(accepted) or "none"
@@ -532,9 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         usage.error(str(e))
     prefix = f"parassm {args.command}"
     try:
-        from parassm import _cli  # JAX, from here on
+        from . import _commands  # JAX, from here on
 
-        return _cli.COMMANDS[args.command](args, start)
+        return _commands.COMMANDS[args.command](args, start)
     except UsageError as e:  # found only once the model was imported
         usage.error(str(e))
     except CLIError as e:
@@ -545,14 +456,3 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a failure inside the user's model or the library
         print(f"{prefix}: error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
     return EXIT_FAILURE
-
-
-def one_line(e: BaseException) -> str:
-    for line in str(e).strip().splitlines():
-        if line.strip():
-            return line.strip()
-    return type(e).__name__
-
-
-if __name__ == "__main__":
-    sys.exit(main())
