@@ -1,6 +1,14 @@
 """Train a small GRU model on a synthetic sequence task twice: with the cell evaluated
 in parallel by parassm, and with `jax.lax.scan`. The loss curves coincide.
 
+The model is per sample and the batch is `jax.vmap` over it, as with `equinox.nn`: the
+batch runs as one vectorised program, and each sequence keeps its own Newton steps.
+The solver is fixed once, in the layer (`solver=parassm.QuasiDEER()`), for the jitted
+training step: `parassm.Auto()` decides from concrete values (it diagnoses the
+problem on the host), which a traced step does not have. To let Auto choose, call
+`parassm.Auto().decide(f, s0, T, xs=...)` once on a concrete batch element outside
+the step, and build the layer with the solver it returns.
+
 Run: `python docs/examples/train_gru.py [--steps 60] [--T 200]`.
 """
 
