@@ -92,8 +92,9 @@ def test_a_neutral_phase_is_reported_inaccurate_then_accurate_with_tighter_toler
     assert sol.result == parassm.RESULTS.inaccurate
     assert float(sol.stats["residual"]) <= 1
     assert float(sol.stats["error_estimate"]) > 1
-    # It tried: the residual's tolerance was tightened as far as float64 measures it.
-    assert float(sol.stats["tolerance_factor"]) < 1e-3
+    # The residual's tolerance was tightened only if float64 could measure what the
+    # estimate asked for.
+    assert float(sol.stats["tolerance_factor"]) <= 1
     error = float(jnp.max(jnp.abs(sol.value - truth)))
     assert error > parassm.DEER().tolerances(jnp.dtype(jnp.float64))[0] * 2
     with pytest.raises(Exception, match="float64|looser tolerances"):

@@ -684,7 +684,12 @@ def newton_loop(
     may_reject = search.may_reject
     # Dear work behind a conditional that a batch pays for only when one of its
     # elements needs it; a differentiated (checkpointed) loop keeps `lax.cond`.
-    cond = batching.cond if loop is lax.while_loop else lax.cond
+    if loop is lax.while_loop:
+        cond = batching.cond
+    else:
+
+        def cond(pred, true_fun, false_fun, *operands, merge=True):
+            return lax.cond(pred, true_fun, false_fun, *operands)
 
     def evaluate(S, iteration, factor):
         # `(values, maps or None, err, front, tol, sizes)` at `S`.
@@ -852,18 +857,21 @@ def newton_loop(
         factor = state.factor
         if verify:
             delta = descent.correction(descent_state)
-            ratio = jnp.max(jnp.max(jnp.abs(delta), axis=1) / tol) * factor
+            # Scaled as the residual is in `measure` (an exact zero passes, also where
+            # the trajectory is zero so far).
+            size = jnp.max(jnp.abs(delta), axis=1)
+            ratio = jnp.max(jnp.where(size == 0, 0, size / tol)) * factor
             ratio = jnp.where(jnp.isnan(ratio), jnp.inf, ratio)
             estimate = jnp.where(estimating, ratio, state.estimate)
             # Too large: tighten the residual's tolerance by what the estimate asks
-            # (the error scales with the residual), down to what the dtype measures,
-            # and go on from the Newton trial at `S` (the estimate is its correction).
-            tighten = estimating & (estimate > 1) & (factor > 1.01 * min_factor)
-            factor = jnp.where(
-                tighten,
-                jnp.maximum(factor * jnp.minimum(0.5, 0.5 / estimate), min_factor),
-                factor,
-            ).astype(dtype)
+            # (the error scales with the residual) and go on from the Newton trial at
+            # `S` (the estimate is its correction); unless even the tightest tolerance
+            # the dtype measures would not do (a chaotic system, whose error grows
+            # like its Jacobians' products, at once).
+            wanted = factor * jnp.minimum(0.5, 0.5 / estimate)
+            possible = (wanted >= min_factor / 4) & (factor > 1.01 * min_factor)
+            tighten = estimating & (estimate > 1) & possible
+            factor = jnp.where(tighten, jnp.maximum(wanted, min_factor), factor).astype(dtype)
             # The residual measured against the tighter tolerance (the trajectory's size
             # `nu` as it was: the next trial is measured afresh).
             shrink = (factor / state.factor).astype(dtype)
