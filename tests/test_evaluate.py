@@ -387,10 +387,16 @@ def test_expanding_linearisation_restarts_the_tail(dtype):
     system = parassm.systems.TwoWellLangevin(dtype=dtype)
     xs = system.inputs(4000)
     sol = parassm.evaluate(system.f, system.s0, xs=xs, solver=parassm.DEER(), throw=False)
-    assert sol.result == parassm.RESULTS.successful
+    # Locally unstable between the wells: rounding is amplified along the trajectory,
+    # so that in float32 the trajectory's error is not within rtol = 1.4e-5 of its
+    # size (the error estimate says about 16 times that) however small the residual.
+    if dtype == jnp.float64:
+        assert sol.result == parassm.RESULTS.successful
+    else:
+        assert sol.result == parassm.RESULTS.inaccurate
+        assert float(sol.stats["residual"]) <= 1
     assert int(sol.stats["num_steps"]) <= 20
     ref = sequential(system.f, system.s0, xs)
-    # Locally unstable between the wells: rounding is amplified along the trajectory.
     tol = 1e-7 if dtype == jnp.float64 else 2e-2
     assert tree_max_abs_diff(sol.value, ref) < tol
 

@@ -831,8 +831,9 @@ def newton_loop(
                 return at_hand
             if not reuse:
                 return maps(S, iteration)
-            # The estimate uses the last maps formed, as a kept step does.
-            return cond(keep | estimating, lambda: at_hand, lambda: maps(S, iteration))
+            # The estimate uses the last maps formed, as a kept step does. (The dear
+            # branch first: `cond` runs its false branch for the whole batch.)
+            return cond(~keep & ~estimating, lambda: maps(S, iteration), lambda: at_hand)
 
         def descend():
             transition = linearisation()
