@@ -10,6 +10,7 @@ from jaxtyping import Array, PyTree
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._auto import Auto
+from ._jit import filter_jit
 from ._problem import check_same_structure, check_state, step_output, time_length
 from ._solution import RESULTS, Solution
 from ._solvers._base import AbstractSolver
@@ -127,7 +128,7 @@ def evaluate(
     return sol
 
 
-@eqx.filter_jit
+@filter_jit
 def _evaluate(f, s0, T, *, xs, solver, init, max_steps, throw, adjoint) -> Solution:
     if not isinstance(solver, AbstractSolver):
         raise TypeError(
@@ -227,7 +228,7 @@ def scan(
     return _scan(f, init, xs, length, reverse, solver, max_steps, throw, adjoint)
 
 
-@eqx.filter_jit
+@filter_jit
 def _scan(f, init, xs, length, reverse, solver, max_steps, throw, adjoint):
     T = time_length(xs, length)
     if reverse and xs is not None:

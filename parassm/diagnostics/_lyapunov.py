@@ -15,13 +15,13 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal
 
-import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, PyTree
 
+from .._jit import filter_jit
 from .._problem import check_state, Flat, flatten, time_length
 from .._solvers import _jacobian as jacobian
 
@@ -195,7 +195,7 @@ def lyapunov_exponents(
     return _exponents(f, s0, xs, length, k, method, burn_in, dt)
 
 
-@eqx.filter_jit
+@filter_jit
 def _exponents(f, s0, xs, length, k, method, burn_in, dt):
     flat = flatten(f, s0)
     s_prev = trajectory_before(flat, xs, length)
