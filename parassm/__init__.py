@@ -12,6 +12,10 @@ from ._adjoint import (
 )
 from ._auto import Auto as Auto
 from ._evaluate import evaluate as evaluate, scan as scan
+from ._jit import (
+    clear_programs as clear_programs,
+    set_program_cache_size as set_program_cache_size,
+)
 from ._sharding import Sharded as Sharded, ShardedScan as ShardedScan
 from ._solution import RESULTS as RESULTS, Solution as Solution
 from ._solvers._base import AbstractSolver as AbstractSolver

@@ -11,7 +11,13 @@ from jaxtyping import Array, PyTree
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._auto import Auto
 from ._jit import filter_jit
-from ._problem import check_same_structure, check_state, step_output, time_length
+from ._problem import (
+    check_same_structure,
+    check_state,
+    static_length,
+    step_output,
+    time_length,
+)
 from ._solution import RESULTS, Solution
 from ._solvers._base import AbstractSolver
 from ._solvers.sequential import Sequential
@@ -32,6 +38,18 @@ def _check_init(init: PyTree, s0: PyTree, length: int) -> PyTree:
                 f"{(length,) + s.shape} (T={length} copies of the state's shape)."
             )
     return init
+
+
+def _floating_state(s0: PyTree) -> bool:
+    """Whether a parallel solver can take this state (one floating dtype); other
+    problems with it are reported by `_evaluate`."""
+    try:
+        check_state(s0, floating=True)
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
 
 
 def evaluate(
@@ -97,8 +115,13 @@ def evaluate(
         sol.value.shape  # (1000,)
         ```
     """
+    T = static_length(T, "T")
     extra = {}
-    if isinstance(solver, AbstractSolver) and not isinstance(T, bool):
+    if isinstance(solver, Auto) and not _floating_state(s0):
+        # As `jax.lax.scan` does, evaluate states with integer (or mixed-dtype) leaves:
+        # sequentially, which is all the parallel solvers could fall back to.
+        solver, extra = Sequential(), dict(solver=jnp.array(0))
+    elif isinstance(solver, AbstractSolver) and not isinstance(T, bool):
         # The choice of solver is made here, on the host, with the caller's values
         # (concrete, or tracers under an outer transformation), so that the compiled
         # program below is keyed on the solver that runs (e.g. Auto's choice). Bad input
@@ -209,7 +232,10 @@ def scan(
 
     `(final_carry, ys)`, like `jax.lax.scan`.
     """
-    if isinstance(solver, Sequential):
+    length = static_length(length, "length")
+    if isinstance(solver, Sequential) or (isinstance(solver, Auto) and not _floating_state(init)):
+        # Auto, the default, takes what `jax.lax.scan` takes: a carry with integer
+        # leaves (a step counter, say) is evaluated sequentially.
         return lax.scan(f, init, xs, length=length, reverse=reverse, unroll=unroll)
     if not isinstance(reverse, bool):
         raise TypeError(f"`reverse` must be a bool, got {type(reverse).__name__}.")

@@ -19,6 +19,28 @@ def is_concrete(tree: PyTree) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(tree))
 
 
+def static_length(T: Any, name: str = "T") -> Any:
+    """`T` as a Python int when it is a concrete integer scalar (a NumPy or JAX
+    integer, a 0-d integer array); a clear error when it is traced. Anything else is
+    returned as it is, for `time_length` to judge."""
+    if isinstance(T, jax.core.Tracer):
+        raise TypeError(
+            f"`{name}` is traced (a {type(T).__name__} of {T.aval}): the number of steps "
+            "sets the shape of the trajectory, so it must be known when the program is "
+            "compiled. Inside `jax.jit`, mark it static (e.g. `jax.jit(fn, "
+            f"static_argnums=...)` or `static_argnames=...`), or omit `{name}` and pass "
+            "inputs `xs` with a leading time axis."
+        )
+    if (
+        not isinstance(T, bool)
+        and hasattr(T, "dtype")
+        and jnp.shape(T) == ()
+        and jnp.issubdtype(T.dtype, jnp.integer)
+    ):
+        return int(T)
+    return T
+
+
 def time_length(xs: PyTree | None, T: int | None) -> int:
     """The number of steps, from `T` and/or the leading axis of `xs`, checked."""
     if T is not None and not isinstance(T, int | jnp.integer):

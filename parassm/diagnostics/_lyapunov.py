@@ -202,6 +202,9 @@ def _exponents(f, s0, xs, length, k, method, burn_in, dt):
     s_prev = s_prev[burn_in:]
     xs = slice_inputs(xs, burn_in, length)
     volumes = log_volumes(flat, xs, s_prev, k, method)[-1]
-    increments = jnp.diff(volumes, prepend=jnp.zeros((1,), volumes.dtype))
+    previous = jnp.concatenate([jnp.zeros((1,), volumes.dtype), volumes[:-1]])
+    # Once the (i-1)-volume has collapsed to zero (log -inf: a Jacobian of rank below
+    # i-1 somewhere), the i-th exponent is -inf too, not -inf - (-inf) = nan.
+    increments = jnp.where(previous == -jnp.inf, -jnp.inf, volumes - previous)
     scale = length - burn_in if dt is None else (length - burn_in) * dt
     return increments / jnp.asarray(scale, volumes.dtype)
