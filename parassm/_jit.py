@@ -7,15 +7,16 @@ its own (about 320 for one DEER program), so a process solving a few hundred dis
 problems runs into the kernel's per-process limit (`vm.max_map_count`, 65530 on most
 Linux systems) and XLA crashes while compiling.
 
-[`filter_jit`][] compiles instead one `jax.jit` per distinct static signature and holds
-it in a table of its own:
+[`filter_jit`][] compiles instead one `jax.jit` per distinct signature (the static
+arguments, the shapes and dtypes of the arrays) and holds it in a table of its own:
 
 - Static arguments compared by identity (functions, `functools.partial`, bound methods,
   any weak-referenceable object without value equality) are held only by weak
   reference: when the caller drops the last reference to `f`, its programs go with it.
 - The table is an LRU whose size is set by [`parassm.set_program_cache_size`][] (or
-  the environment variable `PARASSM_PROGRAM_CACHE_SIZE` before import; default 64), so
-  static arguments held by value (or a caller that keeps every `f` alive) bound it.
+  the environment variable `PARASSM_PROGRAM_CACHE_SIZE` before import; default 64): it
+  bounds the programs of static arguments held by value, or of a caller that keeps
+  every `f` alive.
 
 [`WeakLRU`][] is the same table for host-side caches keyed on a problem (Auto's
 diagnoses).
@@ -248,7 +249,10 @@ def filter_jit(fn: Callable) -> Callable:
         dynamic, static = eqx.partition((args, kwargs), eqx.is_array)
         leaves, treedef = jtu.tree_flatten(static)
         key, template, owners = split_static(leaves)
-        key = (fn, treedef, key)
+        # The types of the arrays too: one entry is one executable, so the table's size
+        # bounds the executables held.
+        arrays, array_def = jtu.tree_flatten(dynamic)
+        key = (fn, treedef, key, array_def, tuple(jax.typeof(x) for x in arrays))
         program = _PROGRAMS.get(key)
         if program is None:
             program = _compile(fn, treedef, template)
