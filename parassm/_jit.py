@@ -14,7 +14,7 @@ arguments, the shapes and dtypes of the arrays) and holds it in a table of its o
   any weak-referenceable object without value equality) are held only by weak
   reference: when the caller drops the last reference to `f`, its programs go with it.
 - The table is an LRU whose size is set by [`parassm.set_program_cache_size`][] (or
-  the environment variable `PARASSM_PROGRAM_CACHE_SIZE` before import; default 64): it
+  the environment variable `PARASSM_PROGRAM_CACHE_SIZE` before import; default 32): it
   bounds the programs of static arguments held by value, or of a caller that keeps
   every `f` alive.
 
@@ -38,7 +38,7 @@ import jax
 import jax.tree_util as jtu
 
 
-_DEFAULT_SIZE = 64
+_DEFAULT_SIZE = 32
 _ENV = "PARASSM_PROGRAM_CACHE_SIZE"
 
 
@@ -186,7 +186,7 @@ _PROGRAMS = WeakLRU(_size_from_env())
 
 
 def set_program_cache_size(size: int) -> None:
-    """Set how many compiled programs parassm keeps (an LRU; default 64, or the
+    """Set how many compiled programs parassm keeps (an LRU; default 32, or the
     environment variable `PARASSM_PROGRAM_CACHE_SIZE` read at import).
 
     Programs are also released as soon as the step function (or any other static
@@ -194,7 +194,7 @@ def set_program_cache_size(size: int) -> None:
     size only bounds programs whose functions stay alive. Each compiled program holds
     memory, and on CPU memory mappings (about 320 for one DEER program; Linux allows
     65530 per process by default): lower the size for a process that keeps thousands of
-    step functions alive, raise it to avoid recompiling when more than 64 live
+    step functions alive, raise it to avoid recompiling when more than 32 live
     problems alternate. `0` keeps none (every call compiles).
 
     **Arguments:**
