@@ -76,12 +76,14 @@ def evaluate(
         floating-point arrays; the new state must have the same structure, shapes and
         dtypes. `x` is the slice `xs[t]`, or `None` when `xs` is `None`.
     - `s0`: the initial state $s_0$ (not part of the output).
-    - `T`: the number of steps. May be omitted when `xs` is given; if both are given
-        they must agree.
+    - `T`: the number of steps: a Python or NumPy integer, or a concrete 0-d integer
+        array (it sets the output's shape, so under `jax.jit` it must be static). May
+        be omitted when `xs` is given; if both are given they must agree.
     - `xs`: Keyword only argument. Inputs: a PyTree whose leaves share a leading time
         axis of length `T`, or `None`.
     - `solver`: Keyword only argument. The solver, e.g. [`parassm.Auto`][] (the
-        default: diagnose, then use the recommended solver), [`parassm.QuasiDEER`][],
+        default: diagnose, then use the recommended solver; a state with integer leaves,
+        which parallel solvers cannot take, is evaluated sequentially), [`parassm.QuasiDEER`][],
         [`parassm.DEER`][] or [`parassm.Sequential`][].
     - `init`: Keyword only argument. An initial guess for the whole trajectory (warm
         start), shaped like the output. Defaults to `s0` repeated. Steps of the guess
