@@ -19,10 +19,12 @@ def is_concrete(tree: PyTree) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(tree))
 
 
-def static_length(T: Any, name: str = "T") -> Any:
-    """`T` as a Python int when it is a concrete integer scalar (a NumPy or JAX
-    integer, a 0-d integer array); a clear error when it is traced. Anything else is
-    returned as it is, for `time_length` to judge."""
+def static_length(T: Any, name: str = "T") -> int | None:
+    """`T` (`None` or an integer) as a Python int: a NumPy or JAX integer, or a concrete
+    0-d integer array, is accepted; a traced or non-integer `T` is refused with what to
+    do instead. A bool is left for the caller to refuse."""
+    if T is None or isinstance(T, int):
+        return T
     if isinstance(T, jax.core.Tracer):
         raise TypeError(
             f"`{name}` is traced (a {type(T).__name__} of {T.aval}): the number of steps "
@@ -31,14 +33,15 @@ def static_length(T: Any, name: str = "T") -> Any:
             f"static_argnums=...)` or `static_argnames=...`), or omit `{name}` and pass "
             "inputs `xs` with a leading time axis."
         )
-    if (
-        not isinstance(T, bool)
-        and hasattr(T, "dtype")
-        and jnp.shape(T) == ()
-        and jnp.issubdtype(T.dtype, jnp.integer)
-    ):
+    if hasattr(T, "dtype") and jnp.shape(T) == () and jnp.issubdtype(T.dtype, jnp.integer):
         return int(T)
-    return T
+    what = type(T).__name__
+    if hasattr(T, "dtype"):
+        what += f" of dtype {T.dtype} and shape {jnp.shape(T)}"
+    raise TypeError(
+        f"`{name}` must be an integer (a Python int, a NumPy integer or a 0-d integer "
+        f"array), got {what}."
+    )
 
 
 def time_length(xs: PyTree | None, T: int | None) -> int:

@@ -242,6 +242,17 @@ def test_evaluate_integer_state_default_solver():
     assert int(sol.stats["solver"]) == 0
 
 
+def test_complex_state_default_solver_is_sequential():
+    def f(s, x):
+        return (0.5 + 0.5j) * s + x.astype(jnp.complex64)
+
+    s0 = jnp.ones((2,), jnp.complex64)
+    xs = jnp.linspace(-1.0, 1.0, 30, dtype=jnp.float32)
+    got = parassm.evaluate(f, s0, xs=xs)
+    expected = lax.scan(lambda s, x: (f(s, x), f(s, x)), s0, xs)[1]
+    assert tree_allclose(got.value, expected, rtol=0, atol=0)
+
+
 def test_scan_integer_carry_parallel_solver_refused():
     init = (jnp.array(0), jnp.zeros(()))
     xs = jnp.linspace(-1.0, 1.0, 30)
