@@ -24,6 +24,10 @@ if typing.TYPE_CHECKING:
     )
     from ._auto import Auto as Auto
     from ._evaluate import evaluate as evaluate, scan as scan
+    from ._jit import (
+        clear_programs as clear_programs,
+        set_program_cache_size as set_program_cache_size,
+    )
     from ._sharding import Sharded as Sharded, ShardedScan as ShardedScan
     from ._solution import RESULTS as RESULTS, Solution as Solution
     from ._solvers._base import AbstractSolver as AbstractSolver
@@ -73,6 +77,7 @@ __getattr__, __dir__ = _lazy.attach(
         ),
         "._auto": ("Auto",),
         "._evaluate": ("evaluate", "scan"),
+        "._jit": ("clear_programs", "set_program_cache_size"),
         "._sharding": ("Sharded", "ShardedScan"),
         "._solution": ("RESULTS", "Solution"),
         "._solvers._base": ("AbstractSolver",),

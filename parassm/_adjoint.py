@@ -34,7 +34,7 @@ from jaxtyping import Array, Float, PyTree
 from . import _linear as linear
 from ._problem import Flat, flatten, ravelling, unravel_trajectory
 from ._solvers import _jacobian as jacobian
-from ._solvers._base import AbstractSolver, default_tolerance
+from ._solvers._base import AbstractSolver, check_tolerances, default_tolerance
 from ._solvers._parallel import AbstractParallelSolver, measure, Problem, solve_flat
 from ._solvers.quasi_deer import AbstractDiagonal, ExactDiagonal
 
@@ -212,9 +212,7 @@ class QuasiScan(AbstractLinearSolver):
     fallback: AbstractLinearSolver | None = SequentialScan()
 
     def __check_init__(self):
-        for name, value in (("rtol", self.rtol), ("atol", self.atol)):
-            if value is not None and not value >= 0:
-                raise ValueError(f"`{name}` must be non-negative (or None), got {value}.")
+        check_tolerances(self.rtol, self.atol, zero=True)
         if self.max_steps is not None and self.max_steps < 0:
             raise ValueError(f"`max_steps` must be non-negative (or None), got {self.max_steps}.")
         if isinstance(self.fallback, QuasiScan):

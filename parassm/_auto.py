@@ -12,18 +12,17 @@ is compiled (the chosen solver's) and a `vmap` batch gets one decision. It combi
   candidates and `T` rounded to a power of two) and cached in memory.
 """
 
-import collections
 import math
-import threading
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
+from ._jit import split_static, WeakLRU
 from ._problem import check_state, is_concrete, time_length
 from ._solvers._base import AbstractSolver, check_tolerances
 from ._solvers._parallel import AbstractParallelSolver
@@ -56,30 +55,18 @@ class Decision(NamedTuple):
 
 
 _CACHE_SIZE = 256
-_LOCK = threading.Lock()
-_DECISIONS: collections.OrderedDict = collections.OrderedDict()
-_FLOPS: collections.OrderedDict = collections.OrderedDict()
+# Keyed on the problem's signature, which holds the identity of `f` (and of any other
+# static leaf compared by identity) only weakly: an entry goes when `f` does, so a
+# cached diagnosis never keeps a step function, or the programs compiled for it, alive.
+_DECISIONS = WeakLRU(_CACHE_SIZE)
+_FLOPS = WeakLRU(_CACHE_SIZE)
 
 
 def clear_cache() -> None:
     """Forget every cached diagnosis (e.g. after changing the arrays `f` closes over
     so much that the problem's predictability may have changed)."""
-    with _LOCK:
-        _DECISIONS.clear()
-        _FLOPS.clear()
-
-
-def _remember(table: collections.OrderedDict, key, value) -> None:
-    with _LOCK:
-        table[key] = value
-        table.move_to_end(key)
-        while len(table) > _CACHE_SIZE:
-            table.popitem(last=False)
-
-
-def _recall(table: collections.OrderedDict, key):
-    with _LOCK:
-        return table.get(key)
+    _DECISIONS.clear()
+    _FLOPS.clear()
 
 
 def length_bucket(length: int) -> int:
@@ -92,22 +79,17 @@ def _is_array(x) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def signature(f: Callable, s0: PyTree, xs: PyTree | None, length: int) -> tuple:
-    """The key of a problem: the structure and static parts of `(f, s0, xs)`, the
-    shape and dtype of every array in them (not their values: `jax.jit` traces those)
-    and the length bucket. Equal for the same problem eagerly and under `jit`/`vmap`."""
+def signature(f: Callable, s0: PyTree, xs: PyTree | None, length: int) -> tuple[tuple, list]:
+    """`(key, owners)`: the key of a problem is the structure and static parts of
+    `(f, s0, xs)`, the shape and dtype of every array in them (not their values:
+    `jax.jit` traces those) and the length bucket; equal for the same problem eagerly
+    and under `jit`/`vmap`. Static parts compared by identity (functions) enter the key
+    by `id`, and are the `owners` whose garbage collection drops the entry."""
     leaves, treedef = jtu.tree_flatten((f, s0, xs))
-    items: list[Any] = []
-    for leaf in leaves:
-        if _is_array(leaf):
-            items.append(("array", tuple(leaf.shape), jnp.dtype(leaf.dtype).name))
-        else:
-            try:
-                hash(leaf)
-                items.append(leaf)
-            except TypeError:
-                items.append(("id", id(leaf)))
-    return treedef, tuple(items), length_bucket(length)
+    arrays = [("array", tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves if _is_array(x)]
+    static, _, owners = split_static([x for x in leaves if not _is_array(x)])
+    mask = tuple(_is_array(x) for x in leaves)
+    return (treedef, mask, tuple(arrays), static, length_bucket(length)), owners
 
 
 class Auto(AbstractSolver):
@@ -215,11 +197,11 @@ class Auto(AbstractSolver):
     def _measure(self, f, s0, xs, length) -> tuple[Hardware, float, int]:
         dtype = jtu.tree_leaves(s0)[0].dtype
         hardware = Hardware.detect(dtype) if self.hardware is None else self.hardware
-        key = signature(f, s0, xs, 1)
-        flops = _recall(_FLOPS, key)
+        key, owners = signature(f, s0, xs, 1)
+        flops = _FLOPS.get(key)
         if flops is None:
             flops = problem_flops(f, s0, xs)
-            _remember(_FLOPS, key, flops)
+            _FLOPS.put(key, flops, owners)
         size = sum(leaf.size for leaf in jtu.tree_leaves(s0))
         return hardware, flops, size
 
@@ -235,13 +217,14 @@ class Auto(AbstractSolver):
 
     def _key(self, f, s0, xs, length):
         configured = self.configured(), self.configured_shooting()
-        return signature(f, s0, xs, length), configured, self.proxy_length
+        key, owners = signature(f, s0, xs, length)
+        return (key, configured, self.proxy_length), owners
 
     def diagnosis(self, f, s0, xs, length) -> Decision | None:
         """The cached diagnosis of this problem's signature, running it now if the
         values are concrete and it is not cached; None otherwise."""
-        key = self._key(f, s0, xs, length)
-        decision = _recall(_DECISIONS, key)
+        key, owners = self._key(f, s0, xs, length)
+        decision = _DECISIONS.get(key)
         if decision is None and is_concrete((f, s0, xs)):
             start = time.perf_counter()
             settings = default_settings(
@@ -265,7 +248,7 @@ class Auto(AbstractSolver):
                 seconds=time.perf_counter() - start,
                 shooting=shooting,
             )
-            _remember(_DECISIONS, key, decision)
+            _DECISIONS.put(key, decision, owners)
         return decision
 
     def _choice(self, f, s0, xs, length) -> tuple[int, AbstractSolver]:

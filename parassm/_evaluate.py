@@ -10,7 +10,14 @@ from jaxtyping import Array, PyTree
 
 from ._adjoint import AbstractAdjoint, ImplicitAdjoint
 from ._auto import Auto
-from ._problem import check_same_structure, check_state, step_output, time_length
+from ._jit import filter_jit
+from ._problem import (
+    check_same_structure,
+    check_state,
+    static_length,
+    step_output,
+    time_length,
+)
 from ._solution import RESULTS, Solution
 from ._solvers._base import AbstractSolver
 from ._solvers.sequential import Sequential
@@ -31,6 +38,18 @@ def _check_init(init: PyTree, s0: PyTree, length: int) -> PyTree:
                 f"{(length,) + s.shape} (T={length} copies of the state's shape)."
             )
     return init
+
+
+def _floating_state(s0: PyTree) -> bool:
+    """Whether a parallel solver can take this state (one floating dtype); other
+    problems with it are reported by `_evaluate`."""
+    try:
+        check_state(s0, floating=True)
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
 
 
 def evaluate(
@@ -57,12 +76,14 @@ def evaluate(
         floating-point arrays; the new state must have the same structure, shapes and
         dtypes. `x` is the slice `xs[t]`, or `None` when `xs` is `None`.
     - `s0`: the initial state $s_0$ (not part of the output).
-    - `T`: the number of steps. May be omitted when `xs` is given; if both are given
-        they must agree.
+    - `T`: the number of steps: a Python or NumPy integer, or a concrete 0-d integer
+        array (it sets the output's shape, so under `jax.jit` it must be static). May
+        be omitted when `xs` is given; if both are given they must agree.
     - `xs`: Keyword only argument. Inputs: a PyTree whose leaves share a leading time
         axis of length `T`, or `None`.
     - `solver`: Keyword only argument. The solver, e.g. [`parassm.Auto`][] (the
-        default: diagnose, then use the recommended solver), [`parassm.QuasiDEER`][],
+        default: diagnose, then use the recommended solver; a state with integer leaves,
+        which parallel solvers cannot take, is evaluated sequentially), [`parassm.QuasiDEER`][],
         [`parassm.DEER`][] or [`parassm.Sequential`][].
     - `init`: Keyword only argument. An initial guess for the whole trajectory (warm
         start), shaped like the output. Defaults to `s0` repeated. Steps of the guess
@@ -96,8 +117,13 @@ def evaluate(
         sol.value.shape  # (1000,)
         ```
     """
+    T = static_length(T, "T")
     extra = {}
-    if isinstance(solver, AbstractSolver) and not isinstance(T, bool):
+    if isinstance(solver, Auto) and not _floating_state(s0):
+        # As `jax.lax.scan` does, evaluate states with integer (or mixed-dtype) leaves:
+        # sequentially, which is all the parallel solvers could fall back to.
+        solver, extra = Sequential(), dict(solver=jnp.array(0))
+    elif isinstance(solver, AbstractSolver) and not isinstance(T, bool):
         # The choice of solver is made here, on the host, with the caller's values
         # (concrete, or tracers under an outer transformation), so that the compiled
         # program below is keyed on the solver that runs (e.g. Auto's choice). Bad input
@@ -127,7 +153,7 @@ def evaluate(
     return sol
 
 
-@eqx.filter_jit
+@filter_jit
 def _evaluate(f, s0, T, *, xs, solver, init, max_steps, throw, adjoint) -> Solution:
     if not isinstance(solver, AbstractSolver):
         raise TypeError(
@@ -208,7 +234,10 @@ def scan(
 
     `(final_carry, ys)`, like `jax.lax.scan`.
     """
-    if isinstance(solver, Sequential):
+    length = static_length(length, "length")
+    if isinstance(solver, Sequential) or (isinstance(solver, Auto) and not _floating_state(init)):
+        # Auto, the default, takes what `jax.lax.scan` takes: a carry with integer
+        # leaves (a step counter, say) is evaluated sequentially.
         return lax.scan(f, init, xs, length=length, reverse=reverse, unroll=unroll)
     if not isinstance(reverse, bool):
         raise TypeError(f"`reverse` must be a bool, got {type(reverse).__name__}.")
@@ -227,7 +256,7 @@ def scan(
     return _scan(f, init, xs, length, reverse, solver, max_steps, throw, adjoint)
 
 
-@eqx.filter_jit
+@filter_jit
 def _scan(f, init, xs, length, reverse, solver, max_steps, throw, adjoint):
     T = time_length(xs, length)
     if reverse and xs is not None:

@@ -19,6 +19,31 @@ def is_concrete(tree: PyTree) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in jtu.tree_leaves(tree))
 
 
+def static_length(T: Any, name: str = "T") -> int | None:
+    """`T` (`None` or an integer) as a Python int: a NumPy or JAX integer, or a concrete
+    0-d integer array, is accepted; a traced or non-integer `T` is refused with what to
+    do instead. A bool is left for the caller to refuse."""
+    if T is None or isinstance(T, int):
+        return T
+    if isinstance(T, jax.core.Tracer):
+        raise TypeError(
+            f"`{name}` is traced (a {type(T).__name__} of {T.aval}): the number of steps "
+            "sets the shape of the trajectory, so it must be known when the program is "
+            "compiled. Inside `jax.jit`, mark it static (e.g. `jax.jit(fn, "
+            f"static_argnums=...)` or `static_argnames=...`), or omit `{name}` and pass "
+            "inputs `xs` with a leading time axis."
+        )
+    if hasattr(T, "dtype") and jnp.shape(T) == () and jnp.issubdtype(T.dtype, jnp.integer):
+        return int(T)
+    what = type(T).__name__
+    if hasattr(T, "dtype"):
+        what += f" of dtype {T.dtype} and shape {jnp.shape(T)}"
+    raise TypeError(
+        f"`{name}` must be an integer (a Python int, a NumPy integer or a 0-d integer "
+        f"array), got {what}."
+    )
+
+
 def time_length(xs: PyTree | None, T: int | None) -> int:
     """The number of steps, from `T` and/or the leading axis of `xs`, checked."""
     if T is not None and not isinstance(T, int | jnp.integer):

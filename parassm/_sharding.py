@@ -17,6 +17,7 @@ import jax.tree_util as jtu
 from jax.flatten_util import ravel_pytree
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from ._jit import filter_jit
 from ._linear._scan_impl import _combine, _swap, AbstractScanImpl
 from ._solvers._base import AbstractSolver
 
@@ -111,7 +112,7 @@ class ShardedScan(AbstractScanImpl):
         return _sharded_associative_scan(self, fn, elems, reverse)
 
 
-@eqx.filter_jit
+@filter_jit
 def _sharded_linear_scan(impl: ShardedScan, transition, b, reverse: bool):
     apply = transition.apply
 
@@ -125,7 +126,7 @@ def _sharded_linear_scan(impl: ShardedScan, transition, b, reverse: bool):
     return impl._across_shards(_combine(transition), pair, reverse, fix_up)[1]
 
 
-@eqx.filter_jit
+@filter_jit
 def _sharded_associative_scan(impl: ShardedScan, fn, elems, reverse: bool):
     def fix_up(incoming, scanned):
         incoming = jtu.tree_map(lambda x, s: jnp.broadcast_to(x, s.shape), incoming, scanned)

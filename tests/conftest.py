@@ -43,17 +43,6 @@ def getkey():
     return _getkey
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
-    """Drop JAX's compiled programs after every test module. Each CPU executable keeps
-    memory mappings of its own; a test worker that compiles thousands of programs runs
-    into the kernel's per-process limit (`vm.max_map_count`, 65530 here), and XLA then
-    segfaults while compiling (seen twice, late in full-suite runs, in different tests
-    that pass on their own)."""
-    yield
-    jax.clear_caches()
-
-
 @pytest.fixture(autouse=True)
 def _associative_scan(request):
     """Run the solvers with the associative scan, the parallel algorithm accelerators run.

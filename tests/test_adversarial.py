@@ -87,10 +87,10 @@ ERRORS = {
     "T negative": (lambda: parassm.evaluate(decay_step, s0_2, -3), ValueError, "at least 1"),
     "T float": (lambda: parassm.evaluate(decay_step, s0_2, 3.0), TypeError, "`T` must be"),
     "T bool": (lambda: parassm.evaluate(decay_step, s0_2, True), TypeError, "`T` must be"),
-    "T numpy": (
-        lambda: parassm.evaluate(decay_step, s0_2, np.int64(3)),
+    "T float array": (
+        lambda: parassm.evaluate(decay_step, s0_2, jnp.array(3.0)),
         TypeError,
-        "`T` must be a Python int",
+        "`T` must be an integer.*float",
     ),
     "no T": (lambda: parassm.evaluate(decay_step, s0_2), ValueError, "pass `T`"),
     "T disagrees": (
@@ -123,7 +123,9 @@ ERRORS = {
         r"s0\['n'\] has dtype",
     ),
     "s0 complex": (
-        lambda: parassm.evaluate(lambda s, x: s, jnp.ones(2, jnp.complex64), 3),
+        lambda: parassm.evaluate(
+            lambda s, x: s, jnp.ones(2, jnp.complex64), 3, solver=parassm.DEER()
+        ),
         TypeError,
         "complex64.*floating-point",
     ),

@@ -627,8 +627,12 @@ class TestTraceTimeErrors:
 
     def test_non_float_state(self):
         with pytest.raises(TypeError, match=r"s0\[1\] has dtype int"):
-            parassm.evaluate(lambda s, x: s, (jnp.array(1.0), jnp.array(1)), 3)
-        # Sequential accepts any carry.
+            parassm.evaluate(
+                lambda s, x: s, (jnp.array(1.0), jnp.array(1)), 3, solver=parassm.DEER()
+            )
+        # Sequential accepts any carry, and so does Auto (the default), by running it.
+        sol = parassm.evaluate(lambda s, x: (s[0], s[1] + 1), (jnp.array(1.0), jnp.array(1)), 3)
+        assert sol.value[1].tolist() == [2, 3, 4]
         sol = parassm.evaluate(lambda s, x: s + 1, jnp.array(1), 3, solver=parassm.Sequential())
         assert sol.value.tolist() == [2, 3, 4]
 

@@ -1,5 +1,6 @@
 import abc
 import contextlib
+import math
 from collections.abc import Callable
 
 import equinox as eqx
@@ -60,7 +61,21 @@ def default_tolerance(dtype) -> float:
     return float(jnp.finfo(dtype).eps) ** 0.7
 
 
-def check_tolerances(rtol: float | None, atol: float | None) -> None:
+def check_tolerances(rtol: float | None, atol: float | None, *, zero: bool = False) -> None:
+    """Refuse tolerances that are not finite positive numbers (non-negative if `zero`):
+    NaN compares false and `inf` accepts any residual, so either would report a wrong
+    trajectory as successful."""
+    bound = "non-negative" if zero else "positive"
     for name, value in (("rtol", rtol), ("atol", atol)):
-        if value is not None and not value > 0:
-            raise ValueError(f"`{name}` must be positive (or None for the default), got {value}.")
+        if value is None:
+            continue
+        try:
+            ok = math.isfinite(value) and (value >= 0 if zero else value > 0)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"`{name}` must be a finite {bound} number (or None for the default), got "
+                f"{value!r}. A tolerance of inf would accept any trajectory; for a loose "
+                f"test give a large finite `{name}`, e.g. `{name}=1e-2`."
+            )

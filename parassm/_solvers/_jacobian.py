@@ -20,6 +20,33 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
 
+def describe(fn: Callable) -> str:
+    """A user function's name, for error messages."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    return repr(fn) if name is None else f"`{name}`"
+
+
+def check_supplied(fn: Callable, out: PyTree, state: PyTree, owner: str, what: str) -> None:
+    """Check that a user-supplied per-step function returned a PyTree shaped like the
+    state (`what` it should be), naming the function and the offending leaf."""
+    expected = [jnp.shape(leaf) for leaf in jax.tree_util.tree_leaves(state)]
+    if jax.tree_util.tree_structure(out) != jax.tree_util.tree_structure(state):
+        raise ValueError(
+            f"`{owner}.fn` ({describe(fn)}) returned a PyTree of structure "
+            f"{jax.tree_util.tree_structure(out)}; expected {what} shaped like the state "
+            f"(structure {jax.tree_util.tree_structure(state)}, shapes {expected}), for "
+            "one step (no time axis)."
+        )
+    paths = jax.tree_util.tree_flatten_with_path(out)[0]
+    for (path, leaf), shape in zip(paths, expected):
+        if jnp.shape(leaf) != shape:
+            raise ValueError(
+                f"`{owner}.fn` ({describe(fn)}) returned shape {jnp.shape(leaf)} for the "
+                f"state leaf `state{jax.tree_util.keystr(path)}`; expected {shape}: {what}, "
+                "shaped like that leaf of the state, for one step (no time axis)."
+            )
+
+
 def _in_axes(xs: PyTree | None):
     return (0, None if xs is None else 0)
 

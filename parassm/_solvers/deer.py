@@ -53,7 +53,18 @@ class FunctionJacobian(AbstractJacobian):
         fs = jacobian.over_time(problem.fn, problem.xs)(s_prev)
 
         def jac(s, x):
-            return self.fn(problem.unravel(s), x)
+            out = self.fn(problem.unravel(s), x)
+            D = s.shape[0]
+            shape = getattr(out, "shape", None)
+            if shape != (D, D):
+                got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
+                raise ValueError(
+                    f"`FunctionJacobian.fn` ({jacobian.describe(self.fn)}) returned {got} "
+                    f"for one step; expected ({D}, {D}): the Jacobian df/ds on the "
+                    f"flattened state ({D} numbers, the leaves of the state raveled and "
+                    "concatenated in PyTree order), for one step (no time axis)."
+                )
+            return out
 
         return fs, jacobian.over_time(jac, problem.xs)(s_prev).astype(s_prev.dtype)
 

@@ -102,7 +102,11 @@ class FunctionDiagonal(AbstractDiagonal):
 
     def __call__(self, problem, s_prev, iteration):
         def diag(s, x):
-            out = self.fn(problem.unravel(s), x)
+            state = problem.unravel(s)
+            out = self.fn(state, x)
+            jacobian.check_supplied(
+                self.fn, out, state, "FunctionDiagonal", "the diagonal of df/ds"
+            )
             return jnp.concatenate([jnp.ravel(leaf) for leaf in jtu.tree_leaves(out)])
 
         fs = jacobian.over_time(problem.fn, problem.xs)(s_prev)

@@ -31,17 +31,21 @@ class Sequential(AbstractSolver):
             return s, s
 
         _, value = lax.scan(step, s0, xs, length=length, unroll=self.unroll)
-        finite = jnp.array(True)
+        # Steps with a non-finite number in any inexact leaf: the trajectory is right
+        # only before the first of them, and its residual there is not small.
+        bad = jnp.zeros((length,), bool)
         for leaf in jtu.tree_leaves(value):
             if jnp.issubdtype(leaf.dtype, jnp.inexact):
-                finite = finite & jnp.all(jnp.isfinite(leaf))
+                bad = bad | ~jnp.all(jnp.isfinite(leaf), axis=tuple(range(1, leaf.ndim)))
+        finite = ~jnp.any(bad)
         result = RESULTS.where(finite, RESULTS.successful, RESULTS.nonfinite)
         zero = jnp.array(0)
+        residual = jnp.where(finite, jnp.array(0.0), jnp.array(jnp.inf))
         stats = dict(
             num_steps=zero,
             max_steps=zero,
-            residual=jnp.array(0.0),
-            max_abs_residual=jnp.array(0.0),
-            converged_prefix=jnp.array(length),
+            residual=residual,
+            max_abs_residual=residual,
+            converged_prefix=jnp.where(finite, length, jnp.argmax(bad)),
         )
         return value, result, stats

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, PyTree
 
+from .._jit import filter_jit
 from .._problem import check_state, Flat, flatten, time_length
 from ._lyapunov import dense_jacobians, trajectory_before
 
@@ -217,6 +218,6 @@ def conditioning(
     return _conditioning(f, s0, xs, length, window, jnp.asarray(lle, dtype))
 
 
-@eqx.filter_jit
+@filter_jit
 def _conditioning(f, s0, xs, length, window, lle):
     return conditioning_flat(flatten(f, s0), xs, length, window, lle, length)

@@ -12,6 +12,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, PyTree
 
+from .._jit import filter_jit
 from .._problem import check_same_structure, check_state, Flat, flatten, step_output, time_length
 from .._solvers._base import AbstractSolver
 from .._solvers._parallel import AbstractParallelSolver
@@ -227,13 +228,13 @@ def diagnose_flat(
     )
 
 
-@eqx.filter_jit
+@filter_jit
 def _lyapunov_jit(f, s0, xs, length, lle_steps):
     # Not given the settings: one program whatever the solvers to predict.
     return lyapunov_flat(flatten(f, s0), xs, length, lle_steps)
 
 
-@eqx.filter_jit
+@filter_jit
 def _trials_jit(f, s0, xs, length, settings, lle):
     return diagnose_flat(flatten(f, s0), xs, length, settings, lle)
 
@@ -274,7 +275,7 @@ def shooting_flat(
     return dict(predicted=predicted, proxy_steps=steps_to_reach(history, n), proxy_chunks=n)
 
 
-@eqx.filter_jit
+@filter_jit
 def _shooting_jit(f, s0, xs, length, chunk, solver, max_trial_steps):
     return shooting_flat(flatten(f, s0), xs, length, chunk, solver, max_trial_steps)
 

@@ -15,13 +15,13 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal
 
-import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Float, PyTree
 
+from .._jit import filter_jit
 from .._problem import check_state, Flat, flatten, time_length
 from .._solvers import _jacobian as jacobian
 
@@ -195,13 +195,16 @@ def lyapunov_exponents(
     return _exponents(f, s0, xs, length, k, method, burn_in, dt)
 
 
-@eqx.filter_jit
+@filter_jit
 def _exponents(f, s0, xs, length, k, method, burn_in, dt):
     flat = flatten(f, s0)
     s_prev = trajectory_before(flat, xs, length)
     s_prev = s_prev[burn_in:]
     xs = slice_inputs(xs, burn_in, length)
     volumes = log_volumes(flat, xs, s_prev, k, method)[-1]
-    increments = jnp.diff(volumes, prepend=jnp.zeros((1,), volumes.dtype))
+    previous = jnp.concatenate([jnp.zeros((1,), volumes.dtype), volumes[:-1]])
+    # Once the (i-1)-volume has collapsed to zero (log -inf: a Jacobian of rank below
+    # i-1 somewhere), the i-th exponent is -inf too, not -inf - (-inf) = nan.
+    increments = jnp.where(previous == -jnp.inf, -jnp.inf, volumes - previous)
     scale = length - burn_in if dt is None else (length - burn_in) * dt
     return increments / jnp.asarray(scale, volumes.dtype)
