@@ -32,6 +32,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Float, PyTree
 
 from . import _linear as linear
+from ._linear._shift import shift
 from ._problem import Flat, flatten, ravelling, unravel_trajectory
 from ._solvers import _jacobian as jacobian
 from ._solvers._base import AbstractSolver, check_tolerances, default_tolerance
@@ -54,24 +55,14 @@ class _Linearisation:
         return self.s_prev.shape
 
 
-def _shift_down(v):
-    """`u_t = v_{t-1}`, `u_1 = 0`."""
-    return jnp.concatenate([jnp.zeros_like(v[:1]), v[:-1]])
-
-
-def _shift_up(v):
-    """`u_t = v_{t+1}`, `u_T = 0`."""
-    return jnp.concatenate([v[1:], jnp.zeros_like(v[:1])])
-
-
 def _matvec(lin: _Linearisation, v):
     """`(M v)_t = v_t - J_t v_{t-1}`."""
-    return v - lin.jvp(_shift_down(v))
+    return v - lin.jvp(shift(v))
 
 
 def _rmatvec(lin: _Linearisation, w):
     """`(M^T w)_t = w_t - J_{t+1}^T w_{t+1}`."""
-    return w - _shift_up(lin.vjp(w))
+    return w - shift(lin.vjp(w), reverse=True)
 
 
 class AbstractLinearSolver(eqx.Module):
@@ -140,8 +131,8 @@ class SequentialScan(AbstractLinearSolver):
     def solve_transpose(self, lin, state, g):
         fn, (s_prev, xs) = self._step_fn(lin)
         # w_t = g_t + J_{t+1}^T w_{t+1}: the Jacobian of step t+1 acts on w_{t+1}.
-        s_next = _shift_up(s_prev)
-        xs_next = None if xs is None else jtu.tree_map(_shift_up, xs)
+        s_next = shift(s_prev, reverse=True)
+        xs_next = None if xs is None else jtu.tree_map(ft.partial(shift, reverse=True), xs)
         valid = jnp.arange(g.shape[0]) < g.shape[0] - 1
 
         def body(w_next, inputs):
@@ -280,7 +271,7 @@ class QuasiScan(AbstractLinearSolver):
         )
 
     def solve_transpose(self, lin, state, g):
-        diag = linear.Diagonal(_shift_up(state))
+        diag = linear.Diagonal(shift(state, reverse=True))
 
         def exact(fallback):
             return fallback.solve_transpose(lin, fallback.prepare(lin), g)
@@ -368,7 +359,7 @@ def _implicit_jvp(primals, tangents, *, linear_solver, ravel, unravel):
 
     def matvec(v):
         """`(M v)_t = v_t - J_t v_{t-1}`, live in `f`, the trajectory and `xs`."""
-        jv = jax.jvp(lambda sp: batched(f_dyn, sp, xs_dyn), (s_prev,), (_shift_down(v),))[1]
+        jv = jax.jvp(lambda sp: batched(f_dyn, sp, xs_dyn), (s_prev,), (shift(v),))[1]
         return v - jv
 
     # The solves see constants only: their tangents would be discarded anyway.

@@ -28,15 +28,11 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from .. import _linear as linear
 from .._linear._kalman import smoothed_means
+from .._linear._shift import shift
 
 
 def _times(x: Array) -> Array:
     return jnp.arange(x.shape[0])
-
-
-def _shift(x: Float[Array, "T D"]) -> Float[Array, "T D"]:
-    # As `_parallel.shift` with a zero first row (kept here to avoid an import cycle).
-    return jnp.where((_times(x) == 0)[:, None], jnp.zeros((), x.dtype), jnp.roll(x, 1, axis=0))
 
 
 def frozen(
@@ -155,7 +151,7 @@ def lm_correction(
     transition = frozen(transition, front)
     zero = jnp.zeros((), r.dtype)
     fixed = jnp.where((times == front)[:, None], -r, zero)
-    b = jnp.where(free[:, None], transition.mv(_shift(fixed)) - r, zero)
+    b = jnp.where(free[:, None], transition.mv(shift(fixed)) - r, zero)
     noise = jnp.where(free, 1 / jnp.asarray(damping, r.dtype), zero)
     if isinstance(transition, linear.Dense):
         # One `Q` for all steps, not broadcast over time: the smoother then needs no
@@ -202,4 +198,4 @@ class LevenbergMarquardtDescent(AbstractDescent):
 
     def model_residual(self, state, r, delta):
         A, _, front, _ = state
-        return r + delta - frozen(A, front).mv(_shift(delta))
+        return r + delta - frozen(A, front).mv(shift(delta))

@@ -79,6 +79,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .. import _batching as batching, _linear as linear
 from .._linear._scan_impl import associative_scan
+from .._linear._shift import shift
 from .._problem import Flat, flatten, unravel_trajectory
 from .._solution import RESULTS
 from . import _jacobian as jacobian
@@ -104,15 +105,6 @@ class Problem(eqx.Module):
     def evaluate(self, S: Float[Array, "T D"]) -> Float[Array, "T D"]:
         """`f(s_{t-1}, x_t)` for every step."""
         return jacobian.over_time(self.fn, self.xs)(self.previous(S))
-
-
-def shift(x: Float[Array, "T D"], first: Float[Array, " D"] | None = None) -> Array:
-    """`(first, x_1, ..., x_{T-1})`: the previous step of every step (zero first by default)."""
-    first = jnp.zeros_like(x[0]) if first is None else first
-    # `roll` rather than `concatenate`: with time split over devices XLA's partitioner
-    # turns a roll into a one-step halo exchange, but gathers a concatenation whole.
-    is_first = (jnp.arange(x.shape[0]) == 0)[:, None]
-    return jnp.where(is_first, first, jnp.roll(x, 1, axis=0))
 
 
 def first_true(mask: Bool[Array, " T"]) -> Int[Array, ""]:
