@@ -25,6 +25,7 @@ against `lax.scan` over the batch. Dense maps over `DENSE_LIMIT` numbers are ski
     python bench/batch.py                                   # H in {8, 32}, T = 2000, B = 8
     python bench/batch.py --profile full --peers-dir ~/peers
     python bench/batch.py --H 16 --T 2000 --B 8 --solvers DEER,QuasiDEER
+    python bench/batch.py --clock cpu       # CPU seconds of the process, on a loaded machine
 
 JSON rows (with the git sha) go to `bench/results/batch_<backend>.json`; `--md` prints
 the table as Markdown (for docs/benchmarks.md).
@@ -125,6 +126,13 @@ def main(argv=None) -> int:
         "--peers-dir", type=pathlib.Path, default=os.environ.get("PARASSM_PEERS_DIR")
     )
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="time by the wall clock (default) or by the process's CPU time (all its "
+        "threads: steadier on a machine other processes load)",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=None)
     parser.add_argument("--md", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
@@ -145,7 +153,7 @@ def main(argv=None) -> int:
     for H in grid["H"]:
         for T in grid["T"]:
             for B in grid["B"]:
-                rows += run_point(H, T, B, chosen, peers, args.rounds, base)
+                rows += run_point(H, T, B, chosen, peers, args.rounds, dict(base, clock=args.clock))
                 out_path.parent.mkdir(parents=True, exist_ok=True)
                 out_path.write_text(json.dumps(rows, indent=1, default=float) + "\n")
                 jax.clear_caches()
@@ -196,12 +204,13 @@ def run_point(H, T, B, chosen, peers, rounds, base) -> list[dict]:
                 file=sys.stderr,
                 flush=True,
             )
+    clock = time.process_time if base["clock"] == "cpu" else time.perf_counter
     for _ in range(rounds):
         for entry in compiled.values():
             comp, x = entry[0], entry[1]
-            start = time.perf_counter()
+            start = clock()
             jax.block_until_ready(comp(x))
-            entry[4] = min(entry[4], time.perf_counter() - start)
+            entry[4] = min(entry[4], clock() - start)
 
     ref = compiled["lax.scan", "batch"][3]
     scan_s = {m: compiled["lax.scan", m][4] for m in ("single", "batch")}

@@ -907,7 +907,10 @@ def newton_loop(
         # The safeguards, once (a crawl or a stall is an accepted step: a retry has
         # neither). A solver that does not restart at rest: statically none of it.
         crawl = crawled if solver.restarts_at_rest else False
-        next_ = safeguarded(S, fs, sizes, step, front, blown, stalled, crawl, lowers, cond)
+        # A tightened iterate's trial is the estimate's whole Newton trial: its prefix
+        # is not accurate enough, and its tail's correction assumes the prefix's.
+        guarded = jnp.where(tighten, 0, front)
+        next_ = safeguarded(S, fs, sizes, step, guarded, blown, stalled, crawl, lowers, cond)
         next_ = jnp.where(done, S, next_)
         predicted = inf
         if search.uses_model:
