@@ -15,15 +15,19 @@ One iteration of the loop at the accepted iterate `S = (s_1..s_T)`, whose values
 `f(s_{t-1}, x_t)` are known:
 
 1. linearise at `S` (when `S` is new; after a rejected trial the next one is made at the
-   same `S`: the Jacobi step needs no maps, any other forms them again rather than
-   carrying them from iteration to iteration, which for dense Jacobians would cost
-   copies of `T D^2` numbers at every iteration);
+   same `S`: the Jacobi step needs no maps, a solver with cheap maps reuses those of
+   `S`, which the loop carries, and DEER and ELK form theirs again rather than carry
+   `T D^2` numbers from iteration to iteration);
 2. make the correction for the current step size and the trial `S + delta`;
 3. evaluate `f` at the trial (values only), measure its residual (`measure`) and let
    the search accept it or not.
 
-The loop stops as soon as the accepted iterate meets the tolerance, so the iterate
-returned is always the one whose residual was measured. Where the maps are dear (dense
+The loop stops as soon as the accepted iterate meets the tolerance and so does the
+estimate of its error (the Newton correction at it over the whole trajectory: see
+`newton_loop`), so the iterate returned is always the one whose residual was measured.
+Every conditional on traced values that guards a pass over the trajectory is
+`parassm._batching.cond`: under `jax.vmap` a batch runs it only when one of its elements
+needs it. Where the maps are dear (dense
 Jacobians by `D` JVPs per step: `AbstractParallelSolver.maps_apart`) they are formed in
 a pass of their own, only at an accepted iterate that is not converged, so that the
 pass that confirms convergence and a trial the search rejects cost one evaluation of
@@ -650,8 +654,16 @@ def newton_loop(
     steps), makes the next trial. A body costs at most one evaluation of the values,
     one formation of the maps and one descent, whatever it decides, and under
     `jax.vmap` too: which of them runs is decided on scalars, and each runs once,
-    behind one `lax.cond` (a batched predicate runs the branch for the whole batch,
-    once). The maps are formed with the values of every trial in one pass
+    behind one `parassm._batching.cond` (under `vmap`, for the whole batch and only when
+    an element needs it).
+
+    Once every residual meets its tolerance (`verify`, the default), the body's descent
+    is the estimate of the trajectory's error instead: the Newton correction at `S`
+    with nothing frozen. Above the tolerance, the residual's tolerance is tightened by
+    what the estimate asks for, down to sixteen roundings of the trajectory's size, and
+    the loop goes on from that Newton trial; `finish` reports `inaccurate` where it
+    could not. A sliding window's loop passes `verify=False` (a window's error is not
+    the trajectory's). The maps are formed with the values of every trial in one pass
     (`AbstractParallelSolver.linearise`), or, for a solver whose `maps_apart` or that
     reuses its maps, in a pass of their own at an accepted iterate that is not
     converged.
