@@ -712,9 +712,8 @@ def newton_loop(
     if search_state is None:
         search_state = search.init(dtype)
     step_size0, search_state = search_state
-    shapes = eqx.filter_eval_shape(maps, S0, 0)
 
-    def no_maps():
+    def zeros(shapes):
         return jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
     # The maps are carried from body to body where they are cheap to keep (formed with
@@ -740,7 +739,7 @@ def newton_loop(
         step_size=jnp.asarray(step_size0, dtype),
         search_state=search_state,
         predicted=inf,
-        maps=no_maps() if carry_maps else None,
+        maps=zeros(eqx.filter_eval_shape(maps, S0, 0)) if carry_maps else None,
         reuse=Reuse(jnp.array(0), inf, inf) if reuse else None,
         num_linearisations=jnp.array(0),
         factor=jnp.ones((), dtype),
@@ -846,8 +845,7 @@ def newton_loop(
             return step, descent_state, transition if carry_maps else None
 
         def idle():
-            zeros = jtu.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), descent_shapes)
-            return fs, zeros, at_hand
+            return fs, zeros(descent_shapes), at_hand
 
         step, descent_state, transition = cond(descends, descend, idle, merge=False)
 
