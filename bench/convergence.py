@@ -29,6 +29,16 @@ then the best of N runs (`run_s`, `scan_s` and their ratio in the JSON rows):
 The random guess is uniform in the box spanned by the true trajectory (per state
 dimension): a guess of the right size with no information about the dynamics.
 
+With `--ablate`, every solver runs with its default rules (`parassm.Rules`) and with
+each rule that is on by default switched off in turn (the JSON rows say which:
+`rules_off`, `none` for the default), and the script prints what each rule is worth:
+for every solver and rule, the rows where switching it off changed the steps, the
+total steps, the geometric mean of the ratio of steps, the largest ratio, and the
+results that stopped being `successful` (the table in docs/solvers.md):
+
+    python -m bench.convergence --profile full --ablate --solvers DEER,QuasiDEER \
+        --output bench/results/ablation_cpu.json
+
 JSON rows (with the git sha) go to `bench/results/convergence_<backend>.json`.
 """
 
@@ -172,6 +182,60 @@ SOLVERS = {
 }
 
 
+# How a rule is switched off with a value of one of its fields, the same trajectory as
+# `None` in its place: then every variant of a solver but `blown_up` (no value switches
+# it off) is one compiled program, the rules' fields traced (ablations(..., dtype)).
+DISABLED = {
+    "in_phase": ("rtol", -1.0),  # no prefix repeats to a negative tolerance
+    "stall": ("merit_ratio", math.inf),  # no step keeps infinitely much of the merit
+    "at_rest": ("merit_ratio", math.inf),
+    "keep_front": ("cut", -1.0),  # no scaled residual is negative
+    "reuse": ("max_kept", 0),  # never keeps
+}
+
+
+def _traced(rule, dtype, **values):
+    """`rule` with its non-static fields as arrays (floats of `dtype`)."""
+    import dataclasses
+
+    kwargs = {}
+    for field in dataclasses.fields(rule):
+        value = values.get(field.name, getattr(rule, field.name))
+        if not field.metadata.get("static", False):
+            value = jnp.asarray(value, dtype if isinstance(value, float) else None)
+        kwargs[field.name] = value
+    return type(rule)(**kwargs)
+
+
+def ablations(solver, dtype=None) -> dict[str, object]:
+    """`rules_off -> solver`: the solver with its default rules, and with each rule that
+    is on by default and applies to it switched off. With `dtype`, the rules' fields
+    are traced arrays and a rule is switched off by a value (`DISABLED`), so that the
+    variants share one compiled program; else by `None`."""
+    import dataclasses
+
+    rules = solver.rules
+    names = [
+        name
+        for name in rules.names()
+        if not (name == "keep_front" and not solver.search.may_reject)
+        and not (name == "reuse" and getattr(solver, "relinearise", 0) == 0)
+    ]
+    if dtype is not None:
+        rules = dataclasses.replace(
+            rules, **{name: _traced(getattr(rules, name), dtype) for name in rules.names()}
+        )
+    out = {"none": dataclasses.replace(solver, rules=rules)}
+    for name in names:
+        if dtype is not None and name in DISABLED:
+            field, value = DISABLED[name]
+            off = _traced(getattr(rules, name), dtype, **{field: value})
+        else:
+            off = None
+        out[name] = dataclasses.replace(solver, rules=dataclasses.replace(rules, **{name: off}))
+    return out
+
+
 def describe(solver) -> str:
     """A solver's name, with the chunk length of multiple shooting."""
     name = type(solver).__name__
@@ -262,17 +326,33 @@ def main(argv=None):
         help="also time every row: best of this many runs after compiling (0: no timing)",
     )
     parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="run each solver with its default rules and with each rule off in turn",
+    )
+    parser.add_argument(
         "--cap",
         type=int,
         default=300,
         help="max_steps for T > 1000 (T = 1000 runs uncapped): a case that needs more is "
         "far over the target of 50, and every such iteration costs O(T)",
     )
+    parser.add_argument(
+        "--table", default=None, help="print the ablation table of this JSON file and stop"
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        with open(args.table) as fh:
+            ablation_table(json.load(fh))
+        return
     prof = dict(PROFILES[args.profile])
     prof["T"] = tuple(args.T) if args.T else prof["T"]
     prof["dtypes"] = tuple(args.dtypes) if args.dtypes else prof["dtypes"]
     solvers = {k: SOLVERS[k] for k in args.solvers.split(",")}
+    if args.ablate:
+        # The variants' names; the solvers themselves are made per dtype (below).
+        ablated = solvers
+        solvers = {f"{k}/{off}": None for k, solver in ablated.items() for off in ablations(solver)}
     sha = git_sha()
     rows = []
     out = args.output or RESULTS_DIR / f"convergence_{jax.default_backend()}.json"
@@ -294,6 +374,13 @@ def main(argv=None):
     print(header)
     for dtype_name in prof["dtypes"]:
         dtype = jnp.dtype(dtype_name)
+        if args.ablate:
+            solvers = {
+                f"{k}/{off}": variant
+                for k, solver in ablated.items()
+                for off, variant in ablations(solver, dtype).items()
+            }
+        kind = None
         for T in prof["T"]:
             for name, (system, predictable) in zoo(dtype).items():
                 if args.cases and args.cases not in name:
@@ -303,6 +390,14 @@ def main(argv=None):
                 if not predictable and T > 1000:
                     # Chaotic controls take ~T iterations of O(T) work: T = 1e3 shows it.
                     continue
+                # Every kind of system compiles its own programs: drop the last kind's,
+                # or one process runs out of memory maps for the compiled code (seen on
+                # the CPU backend). (Systems of one kind share programs: their
+                # parameters are arrays.)
+                if (type(system), getattr(system, "kind", None), T) != kind:
+                    jax.clear_caches()
+                    parassm.clear_programs()
+                    kind = (type(system), getattr(system, "kind", None), T)
                 xs = system.inputs(T)
                 ref = _sequential(system, xs, T)
                 scan_s = _best(lambda: _sequential(system, xs, T), args.repeats)
@@ -352,10 +447,12 @@ def main(argv=None):
                                 guess=guess,
                                 lle=exponent,
                                 predictable=predictable,
-                                solver=sname,
+                                solver=sname.split("/")[0],
+                                **(dict(rules_off=sname.split("/")[1]) if args.ablate else {}),
                                 **({} if chosen is None else dict(chosen=chosen)),
                                 steps=steps,
                                 trials=int(sol.stats.get("num_trials", steps)),
+                                linearisations=int(sol.stats.get("num_linearisations", -1)),
                                 successful=ok,
                                 rel_err_vs_scan=err,
                                 wall_s_incl_compile=wall,
@@ -376,12 +473,59 @@ def main(argv=None):
                         flush=True,
                     )
                     save()
-                # Every case compiles its own programs: drop them, or one process
-                # runs out of memory for the compiled code (seen on the CPU backend).
-                jax.clear_caches()
     save()
     print(f"wrote {len(rows)} rows to {out}")
-    _summary(rows)
+    if args.ablate:
+        ablation_table(rows)
+    else:
+        _summary(rows)
+
+
+def maps(pairs) -> str:
+    """Formations of the maps, all rules on -> the rule off (where the rows have them)."""
+    if not all("linearisations" in r for pair in pairs for r in pair):
+        return ""
+    on = sum(a["linearisations"] for a, _ in pairs)
+    return f"{on} -> {sum(b['linearisations'] for _, b in pairs)}"
+
+
+def ablation_table(rows):
+    """What each rule is worth: per solver and rule switched off, against the default
+    rules on the same row (system, dtype, T, guess), as a Markdown table."""
+    base = {
+        (r["solver"], r["case"], r["dtype"], r["T"], r["guess"]): r
+        for r in rows
+        if r.get("rules_off") == "none"
+    }
+    groups = {}
+    for r in rows:
+        off = r.get("rules_off", "none")
+        if off == "none":
+            continue
+        ref = base.get((r["solver"], r["case"], r["dtype"], r["T"], r["guess"]))
+        if ref is not None:
+            groups.setdefault((r["solver"], off), []).append((ref, r))
+    print(
+        "\n| solver | rule off | rows | changed | steps (all on -> off) | geomean ratio "
+        "| largest ratio | fewer / more steps | `successful` lost / gained | maps formed |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (solver, off), pairs in sorted(groups.items()):
+        ratios = [max(b["steps"], 1) / max(a["steps"], 1) for a, b in pairs]
+        changed = sum(a["steps"] != b["steps"] for a, b in pairs)
+        fewer = sum(b["steps"] < a["steps"] for a, b in pairs)
+        more = sum(b["steps"] > a["steps"] for a, b in pairs)
+        lost = sum(a["successful"] and not b["successful"] for a, b in pairs)
+        gained = sum(b["successful"] and not a["successful"] for a, b in pairs)
+        geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+        worst = max(pairs, key=lambda ab: max(ab[1]["steps"], 1) / max(ab[0]["steps"], 1))
+        a = worst[0]
+        where = f"{max(ratios):.2f} ({a['case']}, {a['dtype']}, T={a['T']}, {a['guess']})"
+        print(
+            f"| {solver} | {off} | {len(pairs)} | {changed} | "
+            f"{sum(a['steps'] for a, _ in pairs)} -> {sum(b['steps'] for _, b in pairs)} | "
+            f"{geo:.3f} | {where} | {fewer} / {more} | {lost} / {gained} | {maps(pairs)} |"
+        )
 
 
 def _summary(rows):

@@ -32,6 +32,15 @@ if typing.TYPE_CHECKING:
     from ._solution import RESULTS as RESULTS, Solution as Solution
     from ._solvers._base import AbstractSolver as AbstractSolver
     from ._solvers._parallel import AbstractParallelSolver as AbstractParallelSolver
+    from ._solvers._rules import (
+        KeepFront as KeepFront,
+        RestartAtRest as RestartAtRest,
+        RestartBlownUp as RestartBlownUp,
+        RestartInPhase as RestartInPhase,
+        RestartOnStall as RestartOnStall,
+        ReuseMaps as ReuseMaps,
+        Rules as Rules,
+    )
     from ._solvers._search import (
         AbstractSearch as AbstractSearch,
         Backtracking as Backtracking,
@@ -82,6 +91,15 @@ __getattr__, __dir__ = _lazy.attach(
         "._solution": ("RESULTS", "Solution"),
         "._solvers._base": ("AbstractSolver",),
         "._solvers._parallel": ("AbstractParallelSolver",),
+        "._solvers._rules": (
+            "KeepFront",
+            "RestartAtRest",
+            "RestartBlownUp",
+            "RestartInPhase",
+            "RestartOnStall",
+            "ReuseMaps",
+            "Rules",
+        ),
         "._solvers._search": (
             "AbstractSearch",
             "Backtracking",

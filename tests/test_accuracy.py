@@ -121,4 +121,11 @@ def test_contracting_systems_pass_the_estimate_at_once(dtype, getkey):
     assert (sol.result == parassm.RESULTS.successful).tolist() == [True] * 3
     assert bool(jnp.all(sol.stats["error_estimate"] <= 1))
     single = run(xs[0])
-    np.testing.assert_allclose(single.stats["error_estimate"], sol.stats["error_estimate"][0])
+    # The element's own estimate (not the batch's largest), to the rounding of a
+    # correction at the level of the final residual: a vmapped program rounds float32
+    # differently (seen: 0.1159 against 0.1132 on one CPU, equal on another).
+    others = sol.stats["error_estimate"][1:]
+    np.testing.assert_allclose(
+        single.stats["error_estimate"], sol.stats["error_estimate"][0], rtol=0.1
+    )
+    assert not np.allclose(others, sol.stats["error_estimate"][0], rtol=0.1)

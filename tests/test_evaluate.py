@@ -344,18 +344,23 @@ def test_a_crawling_loop_restarts_a_tail_at_rest_where_that_lowers_the_merit():
     # The candidate: the trial with step `p` repeated after `p`.
     restarted = prefix.at[p + 1 :].set(prefix[p])
 
-    def is_candidate(candidate):  # "it lowers the merit" for exactly that candidate
+    def is_candidate(candidate, ratio):  # "it lowers the merit" for exactly that candidate
         return jnp.all(candidate == restarted)
 
-    def run(sizes, crawled, lowers):
-        return safeguarded(S, fs, sizes, garbage, jnp.array(p), never, False, crawled, lowers)
+    def run(sizes, crawled, lowers, rules=parassm.DEER().rules):
+        return safeguarded(
+            S, fs, sizes, garbage, jnp.array(p), never, False, crawled, lowers, rules=rules
+        )
 
     # Not crawling: kept.
     np.testing.assert_array_equal(run(sizes, False, is_candidate), kept)
     # Crawling: restarted where the candidate lowers the merit over the tail, ...
     np.testing.assert_array_equal(run(sizes, True, is_candidate), restarted)
     # ... kept where it does not, ...
-    np.testing.assert_array_equal(run(sizes, True, lambda c: jnp.array(False)), kept)
+    np.testing.assert_array_equal(run(sizes, True, lambda c, r: jnp.array(False)), kept)
+    # ... and kept where the rule is off.
+    off = parassm.Rules(at_rest=None)
+    np.testing.assert_array_equal(run(sizes, True, is_candidate, off), kept)
     # ... and where the prefix is not at rest (the same steps, in a trajectory whose
     # size is theirs).
     np.testing.assert_array_equal(run(1e-4 * sizes, True, is_candidate), kept)

@@ -9,7 +9,6 @@ import parassm
 import parassm.linear as linear
 import pytest
 from jax.sharding import AxisType
-from parassm._solvers._parallel import RESTART_PERIOD
 
 from .helpers import sequential, tree_allclose
 
@@ -177,14 +176,14 @@ def test_collectives_per_newton_step_do_not_grow_with_T(solver, scans):
     assert all(shape[0] == n and len(shape) == 2 and shape[1] > 1 for shape in gathers), small
     # Halos are one step; the rest are scalar reductions (the global convergence test)
     # and, at each site that makes a trial, what a blown-up tail is restarted from: the
-    # last sane step and the trial's rows from `2 RESTART_PERIOD` steps before the
-    # front to `RESTART_PERIOD` after it (fixed sizes); and once, for a solver that
+    # last sane step and the trial's rows from `2 n` steps before the
+    # front to `n` after it (`n = Rules.window`) (fixed sizes); and once, for a solver that
     # restarts at rest, the state at the front (a crawling loop's test of rest). The
     # Kalman smoother of a damping ELK adds reductions of one step's numbers.
     rows = [shape for op, shape in small if op == "all-reduce" and shape != ()]
-    window = (3 * RESTART_PERIOD, D)
+    window = (3 * solver.rules.window, D)
     sites = rows.count(window)
-    at_rest = 1 if solver.restarts_at_rest else 0
+    at_rest = 0 if solver.rules.at_rest is None else 1
     assert 1 <= sites <= 3 and rows.count((D,)) == sites + at_rest, small
     assert all(row in ((D,), window) or row[0] == 1 for row in rows), small
     for op, shape in small:

@@ -10,7 +10,7 @@ of `max_trials` trials in a row is the Jacobi step (step size zero), and the loo
 accepts it: it converges one more step like every trial, and on a contracting system
 it is always safe. On the steps right after the converged front where the rejected
 trial cut the scaled residual a hundredfold, the loop keeps that trial instead
-(`_parallel.JACOBI_KEEP`): it was rejected for the merit over the tail, and causality
+(the `KeepFront` rule, `_rules.py`): it was rejected for the merit over the tail, and causality
 makes it independent of the tail.
 
 For [`parassm.DEER`][]-type solvers the step size moves from the Newton correction

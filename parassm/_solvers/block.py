@@ -3,6 +3,7 @@ import equinox as eqx
 from .. import _linear as linear
 from . import _jacobian as jacobian
 from ._parallel import AbstractNewtonSolver
+from ._rules import Rules
 from ._search import AbstractSearch, Undamped
 
 
@@ -29,6 +30,8 @@ class BlockQuasiDEER(AbstractNewtonSolver):
         (superlinear), and kept maps would slow them (measured on an exactly
         block-diagonal system: 7 steps instead of 5 with `relinearise=0.25`).
     - `rtol`, `atol`, `search`: as for [`parassm.DEER`][].
+    - `rules`: the loop's rules ([`parassm.Rules`][]; default: every rule but the
+        restart at rest). `None` in place of a rule switches it off.
     """
 
     block_size: int = eqx.field(static=True)
@@ -36,6 +39,7 @@ class BlockQuasiDEER(AbstractNewtonSolver):
     rtol: float | None = None
     atol: float | None = None
     search: AbstractSearch = Undamped()
+    rules: Rules = Rules()
     relinearise: float = 0.0
 
     def reuse_threshold(self, size, length):

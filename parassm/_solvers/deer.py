@@ -8,6 +8,7 @@ from jaxtyping import Array, Float
 from .. import _linear as linear
 from . import _jacobian as jacobian
 from ._parallel import AbstractNewtonSolver, Problem
+from ._rules import JACOBIAN_RULES, Rules
 from ._search import AbstractSearch, Backtracking
 
 
@@ -97,6 +98,8 @@ class DEER(AbstractNewtonSolver):
         Newton step when it makes progress, else back towards the Jacobi step; costs
         nothing when Newton works) or [`parassm.Undamped`][] (always the full Newton
         step, the original DEER). See also [`parassm.ELK`][].
+    - `rules`: the loop's rules ([`parassm.Rules`][]; default: every restart,
+        at rest included, and `KeepFront`). `None` in place of a rule switches it off.
 
     ??? cite "References"
 
@@ -114,9 +117,9 @@ class DEER(AbstractNewtonSolver):
     rtol: float | None = None
     atol: float | None = None
     search: AbstractSearch = Backtracking()
+    rules: Rules = JACOBIAN_RULES
 
     maps_apart: ClassVar[bool] = True
-    restarts_at_rest: ClassVar[bool] = True
 
     def linearise(self, problem, s_prev, iteration):
         fs, J = self.jacobian(problem, s_prev, iteration)

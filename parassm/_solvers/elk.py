@@ -16,6 +16,7 @@ from typing import ClassVar
 
 from .. import _linear as linear
 from ._parallel import AbstractLevenbergMarquardtSolver, default_reuse_threshold
+from ._rules import JACOBIAN_RULES, Rules
 from ._search import AbstractSearch, TrustRegion
 from .deer import AbstractJacobian, ExactJacobian
 from .quasi_deer import AbstractDiagonal, ExactDiagonal
@@ -47,6 +48,8 @@ class ELK(AbstractLevenbergMarquardtSolver):
     - `search`: how the damping $\lambda$ is chosen: [`parassm.TrustRegion`][]
         (default; adaptive), [`parassm.FixedDamping`][] (a constant) or
         [`parassm.Backtracking`][] (halving `1 / lambda` until the merit decreases).
+    - `rules`: the loop's rules ([`parassm.Rules`][]; default: every restart,
+        at rest included, and `KeepFront`). `None` in place of a rule switches it off.
     - `jacobian`: as for [`parassm.DEER`][].
     - `rtol`, `atol`: as for [`parassm.DEER`][].
 
@@ -73,12 +76,12 @@ class ELK(AbstractLevenbergMarquardtSolver):
     """
 
     search: AbstractSearch = TrustRegion()
+    rules: Rules = JACOBIAN_RULES
     jacobian: AbstractJacobian = ExactJacobian()
     rtol: float | None = None
     atol: float | None = None
 
     maps_apart: ClassVar[bool] = True
-    restarts_at_rest: ClassVar[bool] = True
 
     def linearise(self, problem, s_prev, iteration):
         fs, J = self.jacobian(problem, s_prev, iteration)
@@ -95,6 +98,8 @@ class QuasiELK(AbstractLevenbergMarquardtSolver):
     **Arguments:**
 
     - `search`: as for [`parassm.ELK`][].
+    - `rules`: the loop's rules ([`parassm.Rules`][]; default: every rule but the
+        restart at rest). `None` in place of a rule switches it off.
     - `diagonal`, `relinearise`: as for [`parassm.QuasiDEER`][].
     - `rtol`, `atol`: as for [`parassm.DEER`][].
 
@@ -102,6 +107,7 @@ class QuasiELK(AbstractLevenbergMarquardtSolver):
     """
 
     search: AbstractSearch = TrustRegion()
+    rules: Rules = Rules()
     diagonal: AbstractDiagonal = ExactDiagonal()
     rtol: float | None = None
     atol: float | None = None

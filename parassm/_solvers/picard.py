@@ -3,6 +3,7 @@ import jax.numpy as jnp
 from .. import _linear as linear
 from . import _jacobian as jacobian
 from ._parallel import AbstractNewtonSolver
+from ._rules import Rules
 from ._search import AbstractSearch, Undamped
 
 
@@ -17,11 +18,14 @@ class Picard(AbstractNewtonSolver):
     **Arguments:**
 
     - `rtol`, `atol`, `search`: as for [`parassm.DEER`][].
+    - `rules`: the loop's rules ([`parassm.Rules`][]; default: every rule but the
+        restart at rest). `None` in place of a rule switches it off.
     """
 
     rtol: float | None = None
     atol: float | None = None
     search: AbstractSearch = Undamped()
+    rules: Rules = Rules()
 
     def linearise(self, problem, s_prev, iteration):
         fs = jacobian.over_time(problem.fn, problem.xs)(s_prev)

@@ -11,6 +11,7 @@ from jaxtyping import Array, Float
 from .. import _linear as linear
 from . import _jacobian as jacobian
 from ._parallel import AbstractNewtonSolver, default_reuse_threshold, Problem
+from ._rules import Rules
 from ._search import AbstractSearch, Backtracking
 
 
@@ -144,6 +145,8 @@ class QuasiDEER(AbstractNewtonSolver):
         anyway, and one formed a few iterates back is about as good.
         `Solution.stats["num_linearisations"]` counts them.
     - `rtol`, `atol`, `search`: as for [`parassm.DEER`][].
+    - `rules`: the loop's rules ([`parassm.Rules`][]; default: every rule but the
+        restart at rest). `None` in place of a rule switches it off.
 
     ??? cite "References"
 
@@ -162,6 +165,7 @@ class QuasiDEER(AbstractNewtonSolver):
     rtol: float | None = None
     atol: float | None = None
     search: AbstractSearch = Backtracking()
+    rules: Rules = Rules()
     relinearise: float | None = None
 
     def reuse_threshold(self, size, length):

@@ -171,15 +171,12 @@ class MultipleShooting(AbstractSolver):
             Problem(flat.fn, flat.unravel, xs, flat.s0, T),
             S,
             max_coarse,
-            num_steps=state.num_steps,
-            num_trials=state.num_trials,
-            num_linearisations=state.num_linearisations,
-            step_size=state.step_size,
-            search_state=state.search_state,
+            counts=state.counts,
+            search=state.search,
             fs=fs,
             # The chunks are exact given their starts: the error of the whole is that of
             # the chunk ends.
-            estimate=state.estimate,
+            estimate=state.accuracy.estimate,
         )
         stats["chunk_length"] = jnp.array(L)
         return unravel_trajectory(flat, S), result, stats

@@ -7,10 +7,12 @@ from .._problem import flatten, unravel_trajectory
 from ._base import AbstractSolver
 from ._parallel import (
     AbstractParallelSolver,
+    Counts,
     finish_measured,
     flat_initial_guess,
     newton_loop,
     Problem,
+    SearchProgress,
 )
 
 
@@ -94,10 +96,10 @@ class SlidingWindow(AbstractSolver):
             return (
                 S,
                 w0 + state.front,
-                num_steps + state.num_steps,
-                num_trials + state.num_trials,
-                num_maps + state.num_linearisations,
-                (state.step_size, state.search_state),
+                num_steps + state.counts.steps,
+                num_trials + state.counts.trials,
+                num_maps + state.counts.linearisations,
+                (state.search.step_size, state.search.state),
                 state.nonfinite,
             )
 
@@ -112,10 +114,7 @@ class SlidingWindow(AbstractSolver):
             Problem(flat.fn, flat.unravel, xs, flat.s0, T),
             S,
             max_steps,
-            num_steps=num_steps,
-            num_trials=num_trials,
-            num_linearisations=num_maps,
-            step_size=search[0],
-            search_state=search[1],
+            counts=Counts(num_steps, num_trials, num_maps),
+            search=SearchProgress(search[0], search[1], zero, jnp.asarray(jnp.inf, S.dtype)),
         )
         return unravel_trajectory(flat, S), result, stats

@@ -1,0 +1,139 @@
+"""The Newton loop's rules (`parassm.Rules`): each switchable off, each doing what it is
+documented to do on the system it was made for, and none needed for correctness."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import jax.random as jr
+import parassm
+import pytest
+
+from .helpers import pendulum, sequential, tree_max_abs_diff
+
+
+def without(solver, *names):
+    """`solver` with the rules `names` switched off."""
+    rules = dataclasses.replace(solver.rules, **{name: None for name in names})
+    return dataclasses.replace(solver, rules=rules)
+
+
+def steps(sol) -> int:
+    return int(sol.stats["num_steps"])
+
+
+def test_defaults_and_names():
+    # Every rule is on by default but the restart at rest, which only the solvers whose
+    # maps are the Jacobians take.
+    everything = ("blown_up", "in_phase", "stall", "at_rest", "keep_front", "reuse")
+    for solver in (parassm.DEER(), parassm.ELK()):
+        assert solver.rules.names() == everything
+    for solver in (parassm.QuasiDEER(), parassm.QuasiELK(), parassm.BlockQuasiDEER(2)):
+        assert solver.rules.names() == tuple(n for n in everything if n != "at_rest")
+    assert without(parassm.DEER(), "stall", "reuse").rules.names() == (
+        "blown_up",
+        "in_phase",
+        "at_rest",
+        "keep_front",
+    )
+    # The restart window spans the longest period a rule looks for.
+    assert parassm.Rules().window == 64
+    assert parassm.Rules(in_phase=parassm.RestartInPhase(max_period=8), stall=None).window == 8
+    assert parassm.Rules(blown_up=None, stall=None).window == 1
+    with pytest.raises(ValueError, match="max_period"):
+        parassm.RestartInPhase(max_period=0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+def test_every_rule_off_still_converges_to_the_truth(dtype):
+    # The rules buy speed, not correctness: with all of them off a contracting system
+    # converges to the same trajectory (the causality bound and the safeguards hold).
+    system = parassm.systems.Logistic(r=2.8, x0=0.1, dtype=dtype)
+    T = 500
+    ref = sequential(system.f, system.s0, None, T)
+    bare = parassm.Rules(
+        blown_up=None, in_phase=None, stall=None, at_rest=None, keep_front=None, reuse=None
+    )
+    assert bare.names() == ()
+    for solver in (parassm.DEER(), parassm.QuasiDEER(), parassm.ELK()):
+        sol = parassm.evaluate(
+            system.f, system.s0, T, solver=dataclasses.replace(solver, rules=bare), throw=False
+        )
+        assert sol.result == parassm.RESULTS.successful
+        tol = 1e-10 if dtype == jnp.float64 else 1e-4
+        assert tree_max_abs_diff(sol.value, ref) < tol
+
+
+def test_stall_restart():
+    # The logistic map on its period-2 orbit (r = 3.4) from 0.05: the constant guess's
+    # tail carries no phase, and without the stall restart the front gains about one
+    # step per iteration (`bench/convergence.py --ablate`, T = 64: 4.6x the steps).
+    system = parassm.systems.Logistic(r=3.4, x0=0.05, dtype=jnp.float32)
+    T = 64
+    on = parassm.evaluate(system.f, system.s0, T, solver=parassm.DEER(), throw=False)
+    off = parassm.evaluate(
+        system.f, system.s0, T, solver=without(parassm.DEER(), "stall"), throw=False
+    )
+    assert on.result == off.result == parassm.RESULTS.successful
+    assert 2 * steps(on) < steps(off)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+def test_restart_at_rest(dtype):
+    # The damped pendulum from 2 rad (tests/test_evaluate.py: under 30 steps with the
+    # rule): without it the iterates beyond the front spin over the top and each step
+    # converges some 35 more steps (256 in all at T = 1e4).
+    s0, T = jnp.array([2.0, 0.0], dtype), 10_000
+    off = parassm.evaluate(
+        pendulum, s0, T, solver=without(parassm.DEER(), "at_rest"), max_steps=60, throw=False
+    )
+    assert off.result == parassm.RESULTS.max_steps_reached
+    on = parassm.evaluate(pendulum, s0, T, solver=parassm.DEER(), max_steps=60, throw=False)
+    assert on.result == parassm.RESULTS.successful and steps(on) <= 30
+
+
+def test_keep_front():
+    # The two-well sampler from a random guess, float64, T = 1e4: the Jacobi retry
+    # that keeps the rejected trial where it cut the residual a hundredfold converges
+    # in fewer steps than the plain Jacobi step (15 against 47 when the rule was made).
+    system = parassm.systems.TwoWellLangevin(dtype=jnp.float64)
+    T = 10_000
+    xs = system.inputs(T)
+    ref = sequential(system.f, system.s0, xs, T)
+    guess = jr.uniform(jr.key(0), ref.shape, ref.dtype) * (ref.max() - ref.min()) + ref.min()
+
+    def run(solver):
+        return parassm.evaluate(system.f, system.s0, xs=xs, solver=solver, init=guess, throw=False)
+
+    on, off = run(parassm.DEER()), run(without(parassm.DEER(), "keep_front"))
+    assert on.result == off.result == parassm.RESULTS.successful
+    assert steps(on) < steps(off)
+
+
+def test_reuse_maps():
+    # Kept diagonals: fewer formations of the maps for the same trajectory; off, one
+    # formation per evaluated iterate that is not converged.
+    system = parassm.systems.GRU(hidden_size=8, input_size=2, dtype=jnp.float64)
+    xs = system.inputs(500, key=jr.key(3))
+    solver = parassm.QuasiDEER(relinearise=0.25)
+    on = parassm.evaluate(system.f, system.s0, xs=xs, solver=solver, throw=False)
+    off = parassm.evaluate(system.f, system.s0, xs=xs, solver=without(solver, "reuse"), throw=False)
+    assert on.result == off.result == parassm.RESULTS.successful
+    assert int(on.stats["num_linearisations"]) < int(off.stats["num_linearisations"])
+    assert int(off.stats["num_linearisations"]) == steps(off) + 1
+    assert tree_max_abs_diff(on.value, off.value) < 1e-9
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+def test_in_phase_restart(dtype):
+    # The logistic map at r = 3.2 from the default guess, T = 1e4: a blown-up tail
+    # restarted constant carries no phase and blows up again (DEER took over 300
+    # steps before the rule); restarted in phase, under 50.
+    system = parassm.systems.Logistic(r=3.2, x0=0.1, dtype=dtype)
+    T = 10_000
+
+    def run(solver):
+        return parassm.evaluate(system.f, system.s0, T, solver=solver, max_steps=100, throw=False)
+
+    on, off = run(parassm.DEER()), run(without(parassm.DEER(), "in_phase"))
+    assert on.result == parassm.RESULTS.successful and steps(on) <= 50
+    assert steps(off) > steps(on)
