@@ -45,6 +45,13 @@ PAGES: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
                     "Auto",
                     "AbstractSolver",
                     "AbstractParallelSolver",
+                    "Rules",
+                    "RestartBlownUp",
+                    "RestartInPhase",
+                    "RestartOnStall",
+                    "RestartAtRest",
+                    "KeepFront",
+                    "ReuseMaps",
                 ],
             )
         ],
