@@ -1,6 +1,6 @@
 """Searches: which step size the next trial uses, and whether a trial is accepted.
 
-The Newton loop (`_parallel.py`) makes one trial per iteration of its body: the
+The Newton loop (`_loop.py`) makes one trial per iteration of its body: the
 correction of the solver's descent for the current step size, evaluated once. A search
 that never rejects (`Undamped`, `FixedDamping`) keeps one step size; the others
 (`Backtracking`, `TrustRegion`) see every trial's merit and converged front, accept it

@@ -5,7 +5,7 @@ Causality makes one trial informative about every shorter problem: the iterates 
 first `t` steps do not depend on later steps, so the number of iterations a problem of
 length `t <= T_p` needs is the first iteration at which the converged prefix of the
 length-`T_p` trial reaches `t`. The trial is the shared Newton loop of
-`parassm/_solvers/_parallel.py` itself, stopped after `max_iters` iterations, with its
+`parassm/_solvers/_loop.py` itself, stopped after `max_iters` iterations, with its
 per-iteration history.
 """
 
