@@ -182,9 +182,10 @@ SOLVERS = {
 }
 
 
-# How a rule is switched off with a value of one of its fields, the same trajectory as
-# `None` in its place: then every variant of a solver but `blown_up` (no value switches
-# it off) is one compiled program, the rules' fields traced (ablations(..., dtype)).
+# How a rule is switched off with a value of one of its fields: the same steps as
+# `None` in its place, the trajectory to rounding (tests/test_rules.py). Then every
+# variant of a solver but `blown_up` (no value switches it off) is one compiled
+# program, the rules' fields traced (ablations(..., dtype)).
 DISABLED = {
     "in_phase": ("rtol", -1.0),  # no prefix repeats to a negative tolerance
     "stall": ("merit_ratio", math.inf),  # no step keeps infinitely much of the merit

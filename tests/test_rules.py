@@ -137,3 +137,40 @@ def test_in_phase_restart(dtype):
     on, off = run(parassm.DEER()), run(without(parassm.DEER(), "in_phase"))
     assert on.result == parassm.RESULTS.successful and steps(on) <= 50
     assert steps(off) > steps(on)
+
+
+def test_a_value_that_switches_a_rule_off_is_the_same_as_none():
+    # `bench/convergence.py --ablate` switches rules off by a value (so that the
+    # variants of a solver share one compiled program): the same steps as `None` in
+    # the rule's place, the trajectory to rounding. On rows of its ablation where each
+    # rule matters (logistic 2-cycles, float32, from the default guess and the
+    # benchmark's random one).
+    cases = {
+        "in_phase": (parassm.RestartInPhase(rtol=-1.0), 3.2, 0.6, 1000),
+        "keep_front": (parassm.KeepFront(cut=-1.0), 3.2, 0.6, 1000),
+        "stall": (parassm.RestartOnStall(merit_ratio=float("inf")), 3.4, 0.05, 64),
+    }
+    for name, (rule, r, x0, T) in cases.items():
+        system = parassm.systems.Logistic(r=r, x0=x0, dtype=jnp.float32)
+        ref = sequential(system.f, system.s0, None, T)
+        key = jr.split(jr.key(0), 1)[0]
+        guess = jr.uniform(key, ref.shape, ref.dtype) * (ref.max() - ref.min()) + ref.min()
+        matters = False
+        for init in (None, guess):
+
+            def run(rules):
+                solver = parassm.DEER(rules=rules)
+                return parassm.evaluate(
+                    system.f, system.s0, T, solver=solver, init=init, throw=False
+                )
+
+            default = parassm.DEER().rules
+            on = run(default)
+            by_value = run(dataclasses.replace(default, **{name: rule}))
+            off = run(dataclasses.replace(default, **{name: None}))
+            assert steps(by_value) == steps(off), name
+            # (To rounding: the two are different programs.)
+            assert tree_max_abs_diff(by_value.value, off.value) <= 1e-6, name
+            matters |= steps(on) != steps(off)
+        # (A case where the rule changes something, so that the test can fail.)
+        assert matters, name
