@@ -43,6 +43,7 @@ JSON rows (with the git sha) go to `bench/results/convergence_<backend>.json`.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -197,8 +198,6 @@ DISABLED = {
 
 def _traced(rule, dtype, **values):
     """`rule` with its non-static fields as arrays (floats of `dtype`)."""
-    import dataclasses
-
     kwargs = {}
     for field in dataclasses.fields(rule):
         value = values.get(field.name, getattr(rule, field.name))
@@ -213,8 +212,6 @@ def ablations(solver, dtype=None) -> dict[str, object]:
     is on by default and applies to it switched off. With `dtype`, the rules' fields
     are traced arrays and a rule is switched off by a value (`DISABLED`), so that the
     variants share one compiled program; else by `None`."""
-    import dataclasses
-
     rules = solver.rules
     names = [
         name

@@ -170,16 +170,8 @@ class LoopState(eqx.Module):
         return self.iterate.front
 
     @property
-    def converged(self) -> Bool[Array, ""]:
-        return self.iterate.converged
-
-    @property
     def nonfinite(self) -> Bool[Array, ""]:
         return self.iterate.nonfinite
-
-    @property
-    def accurate(self) -> Bool[Array, ""]:
-        return self.accuracy.accurate
 
 
 class Trial(eqx.Module):
@@ -195,6 +187,27 @@ class Trial(eqx.Module):
     trial_front: Int[Array, ""]
     rejections: Int[Array, ""]
     predicted_merit: Callable[[], Float[Array, ""]] = eqx.field(static=True)
+
+
+class Decision(eqx.Module):
+    """What `NewtonIteration.decide` hands to `propose`: the accepted iterate, the
+    evaluated trial (and its maps, where they come with the values), whether it was
+    accepted, whether it was the guess, whether the next trial is the Jacobi retry, the
+    merits of the old iterate and of the trial, the search's next step size and state,
+    the accepted steps so far, and the index of this evaluation."""
+
+    iterate: Iterate
+    trial: Iterate
+    trial_maps: PyTree
+    accept: Bool[Array, ""] | bool
+    first: Bool[Array, ""]
+    jacobi: Bool[Array, ""]
+    old_merit: Float[Array, ""]
+    trial_merit: Float[Array, ""]
+    step_size: Float[Array, ""]
+    search_state: PyTree
+    steps: Int[Array, ""]
+    iteration: Int[Array, ""]
 
 
 class AbstractObserver(eqx.Module):
@@ -363,9 +376,9 @@ class NewtonIteration(eqx.Module):
         """Evaluate the pending trial, decide on it, and make the next one."""
         return self.propose(state, self.decide(state))
 
-    def decide(self, state: LoopState):
+    def decide(self, state: LoopState) -> Decision:
         """Evaluate the pending trial and let the search accept it or not (the guess is
-        accepted). Returns what `propose` needs."""
+        accepted)."""
         search = self.solver.search
         dtype = state.trial.dtype
         rtol, _ = self.tolerances(dtype)
@@ -401,7 +414,7 @@ class NewtonIteration(eqx.Module):
         steps = state.counts.steps + jnp.where(first, 0, jnp.asarray(accept, int))
         # A retry with the Jacobi step (step size zero) needs no maps and no descent.
         jacobi = jnp.array(False) if accept is True else ~accept & (step_size == 0)
-        return dict(
+        return Decision(
             iterate=iterate,
             trial=new,
             trial_maps=A,
@@ -416,26 +429,25 @@ class NewtonIteration(eqx.Module):
             iteration=iteration,
         )
 
-    def propose(self, state: LoopState, decided: dict) -> LoopState:
+    def propose(self, state: LoopState, d: Decision) -> LoopState:
         """Make the next trial from the accepted iterate: the maps, the descent and the
         safeguards, once each; or, once the residual meets its tolerance everywhere,
         the estimate of the trajectory's error."""
-        d = decided
         solver, problem = self.solver, self.problem
         descent, search, rules = solver.descent, solver.search, solver.rules
-        it = d["iterate"]
+        it = d.iterate
         S, fs, err, tol, front = it.S, it.fs, it.err, it.tol, it.front
         dtype = S.dtype
         T = S.shape[0]
         times = jnp.arange(T)
         rtol, _ = self.tolerances(dtype)
-        accept, first, jacobi = d["accept"], d["first"], d["jacobi"]
-        step_size, iteration = d["step_size"], d["iteration"]
+        accept, first, jacobi = d.accept, d.first, d.jacobi
+        step_size, iteration = d.step_size, d.iteration
         cond = self.cond
         inf = jnp.asarray(jnp.inf, dtype)
 
         nonfinite = it.nonfinite
-        stopped = it.converged | nonfinite | (d["steps"] >= self.max_steps)
+        stopped = it.converged | nonfinite | (d.steps >= self.max_steps)
         # The residual meets its tolerance everywhere: this step's descent is the
         # estimate of the trajectory's error (below), not a trial.
         estimating = it.converged & ~nonfinite if self.verify else jnp.array(False)
@@ -443,7 +455,7 @@ class NewtonIteration(eqx.Module):
         # Whether a solver that keeps its maps keeps them (a decision on scalars).
         reused, keep = state.reuse, jnp.array(False)
         if self.reuse:
-            ratio = d["trial_merit"] / d["old_merit"]
+            ratio = d.trial_merit / d.old_merit
             may_keep = ~first & (state.search.rejections == 0)
             updated = rules.reuse.update(state.reuse, ratio, self.threshold, may_keep)
             keep = accept & updated.keep
@@ -457,7 +469,7 @@ class NewtonIteration(eqx.Module):
         frozen_front = jnp.where(estimating, 0, front)
         if not self.apart:
             # From the pass of the values; a retry keeps those of `S`.
-            at_hand = _select(accept, d["trial_maps"], state.maps)
+            at_hand = _select(accept, d.trial_maps, state.maps)
             formed = 1
         elif self.reuse:
             at_hand = state.maps
@@ -534,7 +546,7 @@ class NewtonIteration(eqx.Module):
         moved = accept & ~first & ~tighten
 
         def crawl(rule):
-            return moved & (d["trial_merit"] >= rule.merit_ratio * d["old_merit"])
+            return moved & (d.trial_merit >= rule.merit_ratio * d.old_merit)
 
         stalled = False
         if rules.stall is not None:
@@ -561,7 +573,7 @@ class NewtonIteration(eqx.Module):
             # right after the front where it took most of the residual off.
             jacobi_step = fs
             if rules.keep_front is not None:
-                kept = d["trial"].err <= rules.keep_front.cut * state.iterate.err
+                kept = d.trial.err <= rules.keep_front.cut * state.iterate.err
                 cut = first_true((times >= front) & ~kept)
                 jacobi_step = jnp.where((times < cut)[:, None], state.trial, fs)
             step = _select(jacobi, jacobi_step, step)
@@ -588,11 +600,11 @@ class NewtonIteration(eqx.Module):
             trial=next_,
             search=SearchProgress(
                 step_size,
-                d["search_state"],
+                d.search_state,
                 jnp.where(accept, 0, state.search.rejections + 1),
                 predicted,
             ),
-            counts=Counts(d["steps"], iteration, counts.linearisations + formed),
+            counts=Counts(d.steps, iteration, counts.linearisations + formed),
             accuracy=Accuracy(factor, estimate),
             maps=transition,
             reuse=reused,

@@ -30,15 +30,11 @@ from ._loop import (
     Iterate as Iterate,
     LoopState as LoopState,
     newton_loop as newton_loop,
-    NewtonIteration as NewtonIteration,
-    run as run,
     SearchProgress as SearchProgress,
     Trial as Trial,
 )
 from ._measure import (
-    first_true as first_true,
     measure as measure,
-    merit as merit,
     Problem as Problem,
 )
 from ._rules import Rules
@@ -103,7 +99,7 @@ class AbstractParallelSolver(AbstractSolver):
 
     def reuse_threshold(self, size: int, length: int) -> float:
         """When the loop keeps the maps rather than forming new ones, at state size
-        `size` and `length` steps (see `Reuse`): after a step whose merit ratio is at
+        `size` and `length` steps (see `ReuseMaps`): after a step whose merit ratio is at
         most this. Zero (the default) forms them at every iterate; solvers whose maps
         cost JVPs take a `relinearise` argument."""
         return 0.0

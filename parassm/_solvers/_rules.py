@@ -17,6 +17,8 @@ at least one more step (the loop's safeguards freeze the converged prefix and se
 first unconverged step to `f` there, whatever a rule does after it).
 """
 
+import dataclasses
+
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -279,8 +281,8 @@ class Rules(eqx.Module):
 
     def names(self) -> tuple[str, ...]:
         """The names of the rules switched on."""
-        fields = ("blown_up", "in_phase", "stall", "at_rest", "keep_front", "reuse")
-        return tuple(name for name in fields if getattr(self, name) is not None)
+        names = (field.name for field in dataclasses.fields(self))
+        return tuple(name for name in names if getattr(self, name) is not None)
 
 
 # The defaults of the solvers whose maps are the Jacobians (DEER, ELK): a tail at rest

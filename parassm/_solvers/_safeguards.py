@@ -63,8 +63,15 @@ def safeguarded(
         row = jnp.max(jnp.abs(trial), axis=1)
         huge = first_true(~((row <= bound) & jnp.isfinite(row)))
         blown = jnp.minimum(blown, huge)
+
+    def unchanged(trial):
+        if rules.blown_up is None:
+            # Nothing restarts a blown-up tail: its non-finite entries, at least, go.
+            return jnp.where(jnp.isfinite(trial), trial, S)
+        return trial
+
     if stalled is False and at_rest_rule is None and rules.blown_up is None:
-        return jnp.where(jnp.isfinite(trial), trial, S)
+        return unchanged(trial)
 
     def rest():
         # The state at step `p` (exactly `f(s_{p-1})`), and whether the prefix is at
@@ -165,12 +172,6 @@ def safeguarded(
         restarted = jnp.where(times > start, tail, trial)
         # Every step up to `last` is finite but `p` (`f` there): entrywise.
         return jnp.where(jnp.isfinite(restarted), restarted, S)
-
-    def unchanged(trial):
-        if rules.blown_up is None:
-            # Nothing restarts a blown-up tail: its non-finite entries, at least, go.
-            return jnp.where(jnp.isfinite(trial), trial, S)
-        return trial
 
     # Nothing blown up, nothing crawling (the common case): every step is finite and
     # nothing changes, so the passes of the restart are skipped.
