@@ -329,6 +329,11 @@ def main(argv=None):
         help="run each solver with its default rules and with each rule off in turn",
     )
     parser.add_argument(
+        "--rules",
+        default=None,
+        help="with --ablate: only these rules (comma-separated) switched off, beside all on",
+    )
+    parser.add_argument(
         "--cap",
         type=int,
         default=300,
@@ -350,7 +355,13 @@ def main(argv=None):
     if args.ablate:
         # The variants' names; the solvers themselves are made per dtype (below).
         ablated = solvers
-        solvers = {f"{k}/{off}": None for k, solver in ablated.items() for off in ablations(solver)}
+        only = None if args.rules is None else {"none", *args.rules.split(",")}
+
+        def variants(solver, dtype=None):
+            out = ablations(solver, dtype)
+            return {k: v for k, v in out.items() if only is None or k in only}
+
+        solvers = {f"{k}/{off}": None for k, solver in ablated.items() for off in variants(solver)}
     sha = git_sha()
     rows = []
     out = args.output or RESULTS_DIR / f"convergence_{jax.default_backend()}.json"
@@ -376,7 +387,7 @@ def main(argv=None):
             solvers = {
                 f"{k}/{off}": variant
                 for k, solver in ablated.items()
-                for off, variant in ablations(solver, dtype).items()
+                for off, variant in variants(solver, dtype).items()
             }
         kind = None
         for T in prof["T"]:

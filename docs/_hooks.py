@@ -52,6 +52,7 @@ PAGES: dict[str, tuple[str, str, list[tuple[str, list[str]]]]] = {
                     "RestartAtRest",
                     "KeepFront",
                     "ReuseMaps",
+                    "KeepVerified",
                 ],
             )
         ],

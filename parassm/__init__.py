@@ -34,6 +34,7 @@ if typing.TYPE_CHECKING:
     from ._solvers._parallel import AbstractParallelSolver as AbstractParallelSolver
     from ._solvers._rules import (
         KeepFront as KeepFront,
+        KeepVerified as KeepVerified,
         RestartAtRest as RestartAtRest,
         RestartBlownUp as RestartBlownUp,
         RestartInPhase as RestartInPhase,
@@ -93,6 +94,7 @@ __getattr__, __dir__ = _lazy.attach(
         "._solvers._parallel": ("AbstractParallelSolver",),
         "._solvers._rules": (
             "KeepFront",
+            "KeepVerified",
             "RestartAtRest",
             "RestartBlownUp",
             "RestartInPhase",

@@ -25,11 +25,13 @@ class RESULTS(eqx.Enumeration):
     )
     inaccurate = (
         "Every step's residual meets the tolerance, but the estimated error of the "
-        "trajectory does not (`stats['error_estimate']` > 1), even with the residual "
-        "tightened as far as this dtype measures it: the dynamics do not damp errors "
-        "(e.g. the neutral phase of an oscillator or limit cycle), so residuals add up "
-        "along the sequence. Use float64 (`jax.config.update('jax_enable_x64', True)`), "
-        "looser tolerances (`rtol`, `atol`), or `parassm.Sequential()`."
+        "trajectory does not (`stats['error_estimate']` > 1), and a tighter residual "
+        "could not be reached (not measurable in this dtype, or the solver diverged "
+        "from the trajectory it had): the dynamics do not damp errors (e.g. the "
+        "neutral phase of an oscillator or limit cycle), so residuals add up along the "
+        "sequence. Use float64 (`jax.config.update('jax_enable_x64', True)`), looser "
+        "tolerances (`rtol`, `atol`), a solver with the exact Jacobians "
+        "(`parassm.DEER()`), or `parassm.Sequential()`."
     )
     nonfinite = (
         "The trajectory is not finite: `f` returned NaN or Inf from a converged, finite "

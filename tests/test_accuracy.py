@@ -42,6 +42,10 @@ SOLVERS = [
     parassm.ELK(),
     parassm.QuasiELK(),
     parassm.MultipleShooting(),
+    parassm.Jacobi(),
+    parassm.Picard(),
+    parassm.SlidingWindow(parassm.DEER(), window=256),
+    parassm.SlidingWindow(parassm.QuasiDEER(), window=256),
 ]
 
 
@@ -59,9 +63,14 @@ def _tolerance(solver, truth, dtype):
     return atol + rtol * float(jnp.max(jnp.abs(truth)))
 
 
+def _name(solver):
+    inner = getattr(solver, "solver", None)
+    return type(solver).__name__ + ("" if inner is None else f"({type(inner).__name__})")
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("name", sorted(SYSTEMS))
-@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize("solver", SOLVERS, ids=_name)
 def test_successful_means_the_trajectory_is_accurate(solver, name, dtype):
     T = 1500
     f, s0, xs, truth = _problem(name, dtype, T)
@@ -69,7 +78,7 @@ def test_successful_means_the_trajectory_is_accurate(solver, name, dtype):
     error = float(jnp.max(jnp.abs(sol.value.astype(jnp.float64) - truth)))
     sequential = jax.lax.scan(lambda s, x: (f(s, x), f(s, x)), s0, xs)[1]
     floor = float(jnp.max(jnp.abs(sequential.astype(jnp.float64) - truth)))
-    inner = solver.solver if isinstance(solver, parassm.MultipleShooting) else solver
+    inner = getattr(solver, "solver", solver)
     tol = _tolerance(inner, truth, dtype)
     estimate = float(sol.stats["error_estimate"])
     if sol.result == parassm.RESULTS.successful:
@@ -101,10 +110,11 @@ def test_a_neutral_phase_is_reported_inaccurate_then_accurate_with_tighter_toler
         parassm.evaluate(f, s0, xs=xs, solver=parassm.DEER(), throw=True)
 
     solver = parassm.DEER(rtol=1e-6, atol=1e-7)
-    sol = parassm.evaluate(f, s0, xs=xs, solver=solver, throw=False)
-    assert sol.result == parassm.RESULTS.successful
-    assert float(sol.stats["error_estimate"]) <= 1
-    assert float(jnp.max(jnp.abs(sol.value - truth))) <= 10 * (1e-7 + 1e-6 * 2.2)
+    for solver in (solver, parassm.SlidingWindow(solver, window=500)):
+        sol = parassm.evaluate(f, s0, xs=xs, solver=solver, throw=False)
+        assert sol.result == parassm.RESULTS.successful
+        assert float(sol.stats["error_estimate"]) <= 1
+        assert float(jnp.max(jnp.abs(sol.value - truth))) <= 10 * (1e-7 + 1e-6 * 2.2)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])

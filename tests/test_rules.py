@@ -24,7 +24,7 @@ def steps(sol) -> int:
 def test_defaults_and_names():
     # Every rule is on by default but the restart at rest, which only the solvers whose
     # maps are the Jacobians take.
-    everything = ("blown_up", "in_phase", "stall", "at_rest", "keep_front", "reuse")
+    everything = ("blown_up", "in_phase", "stall", "at_rest", "keep_front", "reuse", "verified")
     for solver in (parassm.DEER(), parassm.ELK()):
         assert solver.rules.names() == everything
     for solver in (parassm.QuasiDEER(), parassm.QuasiELK(), parassm.BlockQuasiDEER(2)):
@@ -34,6 +34,7 @@ def test_defaults_and_names():
         "in_phase",
         "at_rest",
         "keep_front",
+        "verified",
     )
     # The restart window spans the longest period a rule looks for.
     assert parassm.Rules().window == 64
@@ -41,6 +42,8 @@ def test_defaults_and_names():
     assert parassm.Rules(blown_up=None, stall=None).window == 1
     with pytest.raises(ValueError, match="max_period"):
         parassm.RestartInPhase(max_period=0)
+    with pytest.raises(ValueError, match="slack"):
+        parassm.KeepVerified(slack=0.0)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
@@ -51,7 +54,13 @@ def test_every_rule_off_still_converges_to_the_truth(dtype):
     T = 500
     ref = sequential(system.f, system.s0, None, T)
     bare = parassm.Rules(
-        blown_up=None, in_phase=None, stall=None, at_rest=None, keep_front=None, reuse=None
+        blown_up=None,
+        in_phase=None,
+        stall=None,
+        at_rest=None,
+        keep_front=None,
+        reuse=None,
+        verified=None,
     )
     assert bare.names() == ()
     for solver in (parassm.DEER(), parassm.QuasiDEER(), parassm.ELK()):
@@ -137,6 +146,42 @@ def test_in_phase_restart(dtype):
     on, off = run(parassm.DEER()), run(without(parassm.DEER(), "in_phase"))
     assert on.result == parassm.RESULTS.successful and steps(on) <= 50
     assert steps(off) > steps(on)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+def test_keep_verified(dtype):
+    # QuasiDEER on the damped pendulum, T = 1e3: the residual meets its tolerance but
+    # the estimate of the error does not (the diagonal's error adds up along the
+    # weakly damped oscillation); the tighter residual sends the front back and the
+    # diagonal step over the tail blows it up again. With the rule the loop gives up
+    # at once and returns the iterate it verified, `inaccurate`; without it, it starts
+    # over (float64: 333 steps to success; float32: 177, then `inaccurate` at the
+    # tightest tolerance it measures, against 124).
+    s0, T = jnp.array([2.0, 0.0], dtype), 1000
+    ref = sequential(pendulum, s0, None, T)
+
+    def run(solver, max_steps=400):
+        return parassm.evaluate(pendulum, s0, T, solver=solver, max_steps=max_steps, throw=False)
+
+    on, off = run(parassm.QuasiDEER()), run(without(parassm.QuasiDEER(), "verified"))
+    assert on.result == parassm.RESULTS.inaccurate
+    assert float(on.stats["error_estimate"]) > 1
+    # The residual of the iterate returned meets the tolerance it was verified at.
+    assert float(on.stats["residual"]) <= 1
+    assert int(on.stats["converged_prefix"]) == T
+    assert steps(on) + (100 if dtype == jnp.float64 else 40) < steps(off)
+    # The iterate returned is as good as the estimate says: a few times the tolerance
+    # (the pendulum swings over about 2).
+    rtol = parassm.QuasiDEER().tolerances(dtype)[0]
+    assert tree_max_abs_diff(on.value, ref) < 20 * rtol * 2
+    # `slack = inf` never gives up early, but a loop that ends at `max_steps` without
+    # meeting the tighter tolerance still returns the verified iterate.
+    patient = parassm.QuasiDEER(rules=parassm.Rules(verified=parassm.KeepVerified(jnp.inf)))
+    capped = run(patient, max_steps=steps(on) + 5)
+    assert capped.result == parassm.RESULTS.inaccurate
+    assert tree_max_abs_diff(capped.value, on.value) == 0
+    bare = run(without(parassm.QuasiDEER(), "verified"), max_steps=steps(on) + 5)
+    assert bare.result == parassm.RESULTS.max_steps_reached
 
 
 def test_a_value_that_switches_a_rule_off_is_the_same_as_none():

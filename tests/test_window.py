@@ -46,6 +46,30 @@ def test_matches_lax_scan(solver):
     assert tree_max_abs_diff(sol.value, sequential(cell, s0, xs)) < 1e-9
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+def test_the_whole_trajectory_error_is_estimated(dtype):
+    # The estimate is made over the whole trajectory, window by window, each window's
+    # error recurrence starting where the one before ended, with the exact Jacobians
+    # whatever the solver's maps: at the same trajectory (which every window, and
+    # DEER, accept as it is) the same estimate as DEER's over the whole trajectory,
+    # whatever the window.
+    cell, s0, xs = _problem(T=200)
+    cell, s0, xs = jax.tree.map(lambda a: a.astype(dtype), (cell, s0, xs))
+    quasi = parassm.QuasiDEER(relinearise=0)
+    S = parassm.evaluate(cell, s0, xs=xs, solver=quasi).value
+    whole = parassm.evaluate(cell, s0, xs=xs, solver=parassm.DEER(), init=S)
+    assert int(whole.stats["num_steps"]) == 0
+    expected = float(whole.stats["error_estimate"])
+    assert 0.01 < expected <= 1
+    for window in (16, 48, 130):
+        solver = parassm.SlidingWindow(quasi, window=window)
+        sol = parassm.evaluate(cell, s0, xs=xs, solver=solver, init=S)
+        assert sol.result == parassm.RESULTS.successful
+        assert int(sol.stats["num_steps"]) == 0
+        estimate = float(sol.stats["error_estimate"])
+        assert estimate == pytest.approx(expected, rel=1e-3), (window, estimate, expected)
+
+
 def test_window_progress_and_bound():
     # Window 1 is sequential evaluation: exactly one step per iteration.
     cell, s0, xs = _problem(T=15)

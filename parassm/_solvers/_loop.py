@@ -74,6 +74,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .. import _batching as batching
+from ._descent import newton_correction
 from ._measure import first_true, measure, merit, merit_cap, Problem
 from ._rules import ReuseState
 from ._safeguards import safeguarded
@@ -137,6 +138,20 @@ class Accuracy(eqx.Module):
         return ~(self.estimate > 1)
 
 
+class Verified(eqx.Module):
+    """The iterate the estimate of the error verified (`KeepVerified`): the one with
+    the smallest estimate so far, as measured (against the residual tolerances times
+    `factor`), and its estimate (`inf`: none yet)."""
+
+    iterate: Iterate
+    factor: Float[Array, ""]
+    estimate: Float[Array, ""]
+
+    @property
+    def exists(self) -> Bool[Array, ""]:
+        return self.estimate < jnp.inf
+
+
 class LoopState(eqx.Module):
     """The carry of the Newton loop.
 
@@ -148,6 +163,8 @@ class LoopState(eqx.Module):
     - `maps`: the maps at hand, where carried (cheap ones formed with the values: those
       at `S`, which a retry uses; kept ones: the last formed), else `None`;
     - `reuse`: the state of the `ReuseMaps` rule, where the solver may keep its maps;
+    - `verified`: the state of the `KeepVerified` rule, where the loop keeps it (`final`
+      returns it where the loop did not meet the tighter tolerance);
     - `done`: the loop has stopped.
     """
 
@@ -159,11 +176,27 @@ class LoopState(eqx.Module):
     accuracy: Accuracy
     maps: PyTree
     reuse: ReuseState | None
+    verified: Verified | None
     done: Bool[Array, ""]
 
     @property
     def S(self) -> Float[Array, "T D"]:
         return self.iterate.S
+
+    def final(self) -> tuple[Iterate, Accuracy]:
+        """The iterate the loop returns, and its accuracy: the last accepted one, or
+        the verified one where the loop did not meet the tighter tolerance the estimate
+        asked for (gave up, `max_steps`, a non-finite iterate) or ended with a larger
+        estimate (`KeepVerified`)."""
+        if self.verified is None:
+            return self.iterate, self.accuracy
+        v = self.verified
+        met = self.iterate.converged & ~(self.accuracy.estimate > v.estimate)
+        back = v.exists & ~(met | (self.iterate.converged & self.accuracy.accurate))
+        return (
+            _select(back, v.iterate, self.iterate),
+            _select(back, Accuracy(v.factor, v.estimate), self.accuracy),
+        )
 
     @property
     def front(self) -> Int[Array, ""]:
@@ -252,6 +285,41 @@ def _select(pred, new, old):
     return jtu.tree_map(lambda a, b: jnp.where(pred, a, b), new, old)
 
 
+def min_factor(rtol: float, dtype) -> float:
+    """The smallest factor of the residual tolerances: a residual of sixteen roundings
+    of the trajectory's size is as small as the dtype measures one."""
+    return min(1.0, 16 * float(jnp.finfo(dtype).eps) / max(rtol, 1e-300))
+
+
+def error_ratio(
+    delta: Float[Array, "T D"], tol: Float[Array, " T"], factor: Float[Array, ""]
+) -> Float[Array, ""]:
+    """The estimate of the trajectory's error, the correction `delta` of the linearised
+    error recurrence `e_t = A_t e_{t-1} + f_t - s_t` over the residual's tolerances
+    `tol` (times `factor`, of the residual's tolerance: against the trajectory's
+    tolerance), scaled as the residual is in `measure` (an exact zero passes, also
+    where the trajectory is zero so far); NaN counts as infinite."""
+    size = jnp.max(jnp.abs(delta), axis=1)
+    ratio = jnp.max(jnp.where(size == 0, 0, size / tol)) * factor
+    return jnp.where(jnp.isnan(ratio), jnp.inf, ratio)
+
+
+def tightened(
+    factor: Float[Array, ""], estimate: Float[Array, ""], min_factor: float
+) -> tuple[Bool[Array, ""], Float[Array, ""]]:
+    """`(tighten, tighter)`: whether an estimate of the error over one asks for a
+    tighter residual, and the residual tolerances' factor then. The error scales with the
+    residual, so the factor shrinks by what the estimate asks (at least halved), but
+    not below the tightest tolerance the dtype measures (`min_factor`); where even that
+    would not do (a chaotic system, whose error grows like its Jacobians' products),
+    no tightening."""
+    wanted = factor * jnp.minimum(0.5, 0.5 / estimate)
+    possible = (wanted >= min_factor / 4) & (factor > 1.01 * min_factor)
+    tighten = (estimate > 1) & possible
+    new = jnp.where(tighten, jnp.maximum(wanted, min_factor), factor).astype(factor.dtype)
+    return tighten, new
+
+
 class NewtonIteration(eqx.Module):
     """One iteration of the Newton loop of `solver` on `problem`, for at most
     `max_steps` accepted iterations: `init`, `step`, `terminate`.
@@ -303,14 +371,15 @@ class NewtonIteration(eqx.Module):
         iteration)."""
         return self.reuse or not self.apart
 
+    @property
+    def keeps_verified(self) -> bool:
+        return self.verify and self.solver.rules.verified is not None
+
     def tolerances(self, dtype) -> tuple[float, float]:
         return self.solver.tolerances(dtype)
 
     def min_factor(self, dtype) -> float:
-        """The smallest factor of the residual tolerances: a residual of sixteen
-        roundings of the trajectory's size is as small as the dtype measures one."""
-        rtol, _ = self.tolerances(dtype)
-        return min(1.0, 16 * float(jnp.finfo(dtype).eps) / max(rtol, 1e-300))
+        return min_factor(self.tolerances(dtype)[0], dtype)
 
     # The passes over the trajectory.
 
@@ -334,10 +403,14 @@ class NewtonIteration(eqx.Module):
     # init / step / terminate.
 
     def init(
-        self, S0: Float[Array, "T D"], search: tuple[Array, PyTree] | None = None
+        self,
+        S0: Float[Array, "T D"],
+        search: tuple[Array, PyTree] | None = None,
+        factor: Float[Array, ""] | None = None,
     ) -> LoopState:
         """The state before the first step: the guess `S0` pending. `search`, a
-        `(step_size, state)` pair, continues the search of an earlier loop."""
+        `(step_size, state)` pair, continues the search of an earlier loop; `factor`
+        (default one) is the residual tolerances' factor to start from."""
         dtype = S0.dtype
         if search is None:
             search = self.solver.search.init(dtype)
@@ -363,9 +436,12 @@ class NewtonIteration(eqx.Module):
             trial=S0,
             search=SearchProgress(jnp.asarray(step_size, dtype), search_state, zero, inf),
             counts=Counts(zero, zero, zero),
-            accuracy=Accuracy(jnp.ones((), dtype), inf),
+            accuracy=Accuracy(
+                jnp.ones((), dtype) if factor is None else jnp.asarray(factor, dtype), inf
+            ),
             maps=carried,
             reuse=rules.reuse.init(dtype) if self.reuse else None,
+            verified=Verified(guess, jnp.ones((), dtype), inf) if self.keeps_verified else None,
             done=jnp.array(False),
         )
 
@@ -511,24 +587,37 @@ class NewtonIteration(eqx.Module):
         # meets its tolerance can be far from the truth.
         estimate, factor = state.accuracy.estimate, state.accuracy.factor
         tighten = jnp.array(False)
+        verified = state.verified
+        if self.keeps_verified:
+            # An accepted iterate after a tightening that left the verified one's
+            # neighbourhood ends the loop (`KeepVerified`).
+            # (The residual against the tolerance the estimate is measured against.)
+            gives_up = rules.verified.gives_up(jnp.max(err) * factor, verified.estimate)
+            stopped = stopped | (verified.exists & accept & ~first & ~estimating & gives_up)
         if self.verify:
             delta = descent.correction(descent_state)
-            # Scaled as the residual is in `measure` (an exact zero passes, also where
-            # the trajectory is zero so far).
-            size = jnp.max(jnp.abs(delta), axis=1)
-            ratio = jnp.max(jnp.where(size == 0, 0, size / tol)) * factor
-            ratio = jnp.where(jnp.isnan(ratio), jnp.inf, ratio)
+            if solver.error_maps_apart:
+                # Maps of its own for the estimate (and the Newton trial after it).
+                def own_maps():
+                    maps = solver.error_maps(problem, problem.previous(S), iteration)
+                    return newton_correction(maps, S - fs, jnp.array(0))
+
+                delta = cond(estimating, own_maps, lambda: delta)
+                formed = formed + estimating.astype(int)
+            ratio = error_ratio(delta, tol, factor)
             estimate = jnp.where(estimating, ratio, estimate)
-            # Too large: tighten the residual's tolerance by what the estimate asks
-            # (the error scales with the residual) and go on from the Newton trial at
-            # `S` (the estimate is its correction); unless even the tightest tolerance
-            # the dtype measures would not do (a chaotic system, whose error grows
-            # like its Jacobians' products, at once).
-            min_factor = self.min_factor(dtype)
-            wanted = factor * jnp.minimum(0.5, 0.5 / estimate)
-            possible = (wanted >= min_factor / 4) & (factor > 1.01 * min_factor)
-            tighten = estimating & (estimate > 1) & possible
-            factor = jnp.where(tighten, jnp.maximum(wanted, min_factor), factor).astype(dtype)
+            if self.keeps_verified:
+                better = estimating & (ratio < verified.estimate)
+                verified = Verified(
+                    _select(better, d.iterate, verified.iterate),
+                    jnp.where(better, factor, verified.factor),
+                    jnp.where(better, ratio, verified.estimate),
+                )
+            # Too large: tighten the residual's tolerance by what the estimate asks and
+            # go on from the Newton trial at `S` (the estimate is its correction).
+            tighten, tighter = tightened(factor, estimate, self.min_factor(dtype))
+            tighten = estimating & tighten
+            factor = jnp.where(tighten, tighter, factor)
             # The residual measured against the tighter tolerance (the trajectory's size
             # `nu` as it was: the next trial is measured afresh).
             shrink = (factor / state.accuracy.factor).astype(dtype)
@@ -608,6 +697,7 @@ class NewtonIteration(eqx.Module):
             accuracy=Accuracy(factor, estimate),
             maps=transition,
             reuse=reused,
+            verified=verified,
             done=stopped,
         )
 
@@ -649,6 +739,7 @@ def newton_loop(
     loop: Callable = lax.while_loop,
     observer: AbstractObserver | None = None,
     verify: bool = True,
+    factor: Float[Array, ""] | None = None,
 ) -> tuple[LoopState, PyTree]:
     """The Newton loop of `solver` on `problem` from the guess `S0`, for at most
     `max_steps` accepted iterations: `run` of a `NewtonIteration`. Returns the final
@@ -661,4 +752,5 @@ def newton_loop(
         verify=verify,
         batched_cond=loop is lax.while_loop,
     )
-    return run(iteration, iteration.init(S0, search_state), loop=loop, observer=observer)
+    state = iteration.init(S0, search_state, factor)
+    return run(iteration, state, loop=loop, observer=observer)

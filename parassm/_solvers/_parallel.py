@@ -20,6 +20,7 @@ from jaxtyping import Array, Float, PyTree
 from .. import _linear as linear
 from .._problem import Flat, flatten, unravel_trajectory
 from .._solution import RESULTS
+from . import _jacobian as jacobian
 from ._base import AbstractSolver, check_tolerances, default_tolerance
 from ._descent import AbstractDescent, LevenbergMarquardtDescent, NewtonDescent
 from ._loop import (
@@ -97,6 +98,19 @@ class AbstractParallelSolver(AbstractSolver):
     # 4.9 ms).
     maps_apart: ClassVar[bool] = False
 
+    # Whether the estimate of the trajectory's error uses maps of its own (`error_maps`)
+    # rather than the solver's.
+    error_maps_apart: ClassVar[bool] = False
+
+    def error_maps(
+        self, problem: Problem, s_prev: Float[Array, "T D"], iteration: Array
+    ) -> linear.AbstractTransition:
+        """The maps the estimate of the trajectory's error uses where they are not the
+        solver's own (`error_maps_apart`): the exact diagonals of the Jacobians (one
+        pass of `D` JVPs, made once the residual meets its tolerance)."""
+        _, diagonal = jacobian.value_and_diagonal(problem.fn, s_prev, problem.xs, None)
+        return linear.Diagonal(diagonal)
+
     def reuse_threshold(self, size: int, length: int) -> float:
         """When the loop keeps the maps rather than forming new ones, at state size
         `size` and `length` steps (see `ReuseMaps`): after a step whose merit ratio is at
@@ -160,11 +174,11 @@ def finish(
 ) -> tuple[Float[Array, "T D"], RESULTS, dict[str, Array]]:
     """The result code, the trajectory (NaN from a genuinely non-finite step on) and the
     statistics of a finished loop."""
-    it = state.iterate
+    it, accuracy = state.final()
     nonfinite = it.nonfinite
     result = RESULTS.where(
         it.converged,
-        RESULTS.where(state.accuracy.accurate, RESULTS.successful, RESULTS.inaccurate),
+        RESULTS.where(accuracy.accurate, RESULTS.successful, RESULTS.inaccurate),
         RESULTS.where(nonfinite, RESULTS.nonfinite, RESULTS.max_steps_reached),
     )
     T = it.S.shape[0]
@@ -177,8 +191,8 @@ def finish(
         residual=jnp.max(it.err),
         max_abs_residual=jnp.max(jnp.abs(it.S - it.fs)),
         converged_prefix=it.front,
-        error_estimate=state.accuracy.estimate,
-        tolerance_factor=state.accuracy.factor,
+        error_estimate=accuracy.estimate,
+        tolerance_factor=accuracy.factor,
         num_linearisations=state.counts.linearisations,
         **solver.search.stats(state.search.state, state.search.step_size, state.counts.trials),
     )
@@ -195,15 +209,20 @@ def finish_measured(
     search: SearchProgress,
     fs: Float[Array, "T D"] | None = None,
     estimate: Float[Array, ""] | None = None,
+    factor: Float[Array, ""] | None = None,
 ) -> tuple[Float[Array, "T D"], RESULTS, dict[str, Array]]:
     """`finish` for a trajectory `S` of the whole `problem` put together outside one
     Newton loop (a sliding window, multiple shooting): measured once more, so that its
     result and statistics are those of the whole trajectory. `fs`, the values
     `f(s_{t-1}, x_t)` at `S`, where the caller has them; else one vectorised
-    evaluation of `f`. The counts and the search are the caller's."""
+    evaluation of `f`. The counts and the search are the caller's; `estimate`, the
+    caller's estimate of the error (else `NaN`: not made) and `factor`, the residual
+    tolerances' factor it was made at (default one)."""
     if fs is None:
         fs = problem.evaluate(S)
-    err, front, tol, sizes = measure(S, fs, *solver.tolerances(S.dtype))
+    factor = jnp.ones((), S.dtype) if factor is None else jnp.asarray(factor, S.dtype)
+    rtol, atol = solver.tolerances(S.dtype)
+    err, front, tol, sizes = measure(S, fs, factor * rtol, factor * atol)
     final = LoopState(
         iterate=Iterate(S, fs, err, tol, sizes, front),
         evaluated=jnp.array(True),
@@ -211,11 +230,10 @@ def finish_measured(
         search=search,
         counts=counts,
         # Without the caller's estimate, the residual's test alone (`NaN`: not made).
-        accuracy=Accuracy(
-            jnp.ones((), S.dtype), jnp.asarray(jnp.nan if estimate is None else estimate, S.dtype)
-        ),
+        accuracy=Accuracy(factor, jnp.asarray(jnp.nan if estimate is None else estimate, S.dtype)),
         maps=None,
         reuse=None,
+        verified=None,
         done=jnp.array(True),
     )
     return finish(solver, final, max_steps)

@@ -181,6 +181,53 @@ class KeepFront(eqx.Module):
     cut: float = 1e-2
 
 
+class KeepVerified(eqx.Module):
+    """Once the estimate of the trajectory's error has asked for a tighter residual
+    (the residual met its tolerance everywhere, the estimate did not), the iterate it
+    verified is kept. An accepted iterate whose scaled residual then exceeds `slack`
+    times that iterate's estimated error (both against the same tolerance) ends the
+    loop, and a loop that ends without meeting the tighter tolerance (this,
+    `max_steps`, a non-finite iterate) returns the verified iterate as
+    `RESULTS.inaccurate`, with its estimate, not a worse one. (Of several verified
+    iterates, the one with the smallest estimate.)
+
+    Why `slack` times the estimate: a residual `r_t` is the error's own recurrence
+    broken at step `t` (`e_t = A_t e_{t-1} + r_t`), so an iterate with a residual
+    above `(1 + |A_t|)` times the verified iterate's error is, to first order, farther
+    from the truth at step `t` or `t - 1` than the verified one is anywhere. A Newton
+    step that corrects a large error may pass through residuals well above the
+    tolerance, and is not stopped (FitzHugh-Nagumo, T = 3000, float64,
+    `DEER(rtol=1e-6, atol=1e-7)`: verified with an estimate of 8e5, the next trial's
+    residual 1e5 tolerances, successful 11 steps later).
+
+    Made for the quasi solvers (diagonal maps) on weakly damped oscillators: a tighter
+    residual tolerance sends the front back to the start, and the diagonal step over
+    the long tail blows it up again, so the loop starts over (damped pendulum, T = 1e3,
+    float64, `QuasiDEER`: verified at 161 steps with an estimate of 5, residuals 1e11
+    tolerances at step 250, successful at 333; Duffing, float32: verified at 372,
+    `max_steps` (1000) with the front at 942; Duffing, float64, random guess: verified
+    at 477, the last iterate 1e273 off). Off, the loop iterates until it meets the
+    tighter tolerance or `max_steps`, and returns its last iterate.
+
+    **Arguments:**
+
+    - `slack`: default 2 (`1 + |A_t|` for a neutral direction, `|A_t| = 1`); `inf`
+        never gives up early, and still returns the verified iterate at the end.
+    """
+
+    slack: float | Float[Array, ""] = 2.0
+
+    def __check_init__(self):
+        if isinstance(self.slack, int | float) and not self.slack > 0:
+            raise ValueError(f"KeepVerified(slack=...) must be > 0, got {self.slack}.")
+
+    def gives_up(self, worst, estimate) -> Bool[Array, ""]:
+        """Whether an accepted iterate whose largest scaled residual is `worst` is
+        farther from the truth than the verified iterate, whose estimated error is
+        `estimate` (both against the same tolerance)."""
+        return worst > self.slack * estimate
+
+
 class ReuseState(eqx.Module):
     """How many accepted steps in a row were made with the maps kept, the merit ratio
     (new over old) of the last accepted step and of the last step made with freshly
@@ -260,6 +307,7 @@ class Rules(eqx.Module):
     - `at_rest`: [`parassm.RestartAtRest`][].
     - `keep_front`: [`parassm.KeepFront`][] (for a search that may reject).
     - `reuse`: [`parassm.ReuseMaps`][] (for a solver with `relinearise > 0`).
+    - `verified`: [`parassm.KeepVerified`][] (where the loop estimates the error).
     """
 
     blown_up: RestartBlownUp | None = RestartBlownUp()
@@ -268,6 +316,7 @@ class Rules(eqx.Module):
     at_rest: RestartAtRest | None = None
     keep_front: KeepFront | None = KeepFront()
     reuse: ReuseMaps | None = ReuseMaps()
+    verified: KeepVerified | None = KeepVerified()
 
     @property
     def window(self) -> int:

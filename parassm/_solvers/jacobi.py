@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 from .. import _linear as linear
 from . import _jacobian as jacobian
 from ._parallel import AbstractNewtonSolver
@@ -11,6 +13,10 @@ class Jacobi(AbstractNewtonSolver):
     Zeroth order and fully parallel: no scan at all, `O(T D)` per iteration. Converges
     in about `T` iterations unless `f` forgets its state quickly.
 
+    Once the residual meets its tolerance, the estimate of the trajectory's error uses
+    the exact diagonals of the Jacobians (one pass of `D` JVPs): the iteration's own
+    maps say nothing of how errors propagate.
+
     **Arguments:**
 
     - `rtol`, `atol`, `search`: as for [`parassm.DEER`][].
@@ -22,6 +28,10 @@ class Jacobi(AbstractNewtonSolver):
     atol: float | None = None
     search: AbstractSearch = Undamped()
     rules: Rules = Rules()
+
+    # Its maps (zero) say nothing of how errors propagate along the trajectory: the
+    # estimate of the error uses the exact diagonals of the Jacobians.
+    error_maps_apart: ClassVar[bool] = True
 
     def linearise(self, problem, s_prev, iteration):
         fs = jacobian.over_time(problem.fn, problem.xs)(s_prev)

@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 import jax.numpy as jnp
 
 from .. import _linear as linear
@@ -15,6 +17,10 @@ class Picard(AbstractNewtonSolver):
     identity (small-step discretisations of slow flows); otherwise it needs up to `T`
     iterations.
 
+    Once the residual meets its tolerance, the estimate of the trajectory's error uses
+    the exact diagonals of the Jacobians (one pass of `D` JVPs): the iteration's own
+    maps say nothing of how errors propagate.
+
     **Arguments:**
 
     - `rtol`, `atol`, `search`: as for [`parassm.DEER`][].
@@ -26,6 +32,10 @@ class Picard(AbstractNewtonSolver):
     atol: float | None = None
     search: AbstractSearch = Undamped()
     rules: Rules = Rules()
+
+    # Its maps (the identity) say nothing of how errors propagate along the trajectory: the
+    # estimate of the error uses the exact diagonals of the Jacobians.
+    error_maps_apart: ClassVar[bool] = True
 
     def linearise(self, problem, s_prev, iteration):
         fs = jacobian.over_time(problem.fn, problem.xs)(s_prev)
