@@ -174,7 +174,7 @@ def finish(
 ) -> tuple[Float[Array, "T D"], RESULTS, dict[str, Array]]:
     """The result code, the trajectory (NaN from a genuinely non-finite step on) and the
     statistics of a finished loop."""
-    it, accuracy = state.final()
+    it, accuracy = state.iterate, state.accuracy
     nonfinite = it.nonfinite
     result = RESULTS.where(
         it.converged,

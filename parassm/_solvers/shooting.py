@@ -151,8 +151,7 @@ class MultipleShooting(AbstractSolver):
         ends = jnp.minimum(jnp.arange(1, K + 1) * L, T) - 1
         max_coarse = K if max_steps is None else max_steps
         state, _ = newton_loop(solver, coarse, S0[ends], max_coarse)
-        final, accuracy = state.final()
-        C = final.S
+        C = state.S
 
         # The whole trajectory from the chunk ends: every chunk from the end of the one
         # before, its last state the chunk end itself. Every row of the chunk scans is
@@ -177,7 +176,7 @@ class MultipleShooting(AbstractSolver):
             fs=fs,
             # The chunks are exact given their starts: the error of the whole is that of
             # the chunk ends.
-            estimate=accuracy.estimate,
+            estimate=state.accuracy.estimate,
         )
         stats["chunk_length"] = jnp.array(L)
         return unravel_trajectory(flat, S), result, stats
