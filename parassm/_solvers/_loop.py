@@ -748,8 +748,8 @@ def newton_loop(
     factor: Float[Array, ""] | None = None,
 ) -> tuple[LoopState, PyTree]:
     """The Newton loop of `solver` on `problem` from the guess `S0`, for at most
-    `max_steps` accepted iterations: `run` of a `NewtonIteration`, then its `final`. Returns the final
-    `LoopState` and the observer's record (or `None`)."""
+    `max_steps` accepted iterations: `run` of a `NewtonIteration`, then its `final`.
+    Returns the final `LoopState` and the observer's record (or `None`)."""
     iteration = NewtonIteration(
         solver,
         problem,
