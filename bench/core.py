@@ -40,6 +40,7 @@ import jax.random as jr
 import numpy as np
 import parassm
 import parassm.linear
+from parassm._solvers._measure import Problem as LoopProblem
 from parassm._timing import environment, measure
 from parassm.systems import GRU, MeanFieldRNN, TwoWellLangevin
 
@@ -522,9 +523,9 @@ def iteration_vs_floor(D: int, T: int, dtype, rounds: int, base: dict) -> list[d
         return jr.rademacher(key, (1, T, D), dtype=S.dtype)
 
     def exact_diag_only(S, xs):
-        s_prev = shift(S)
-        fs, lin = jax.linearize(lambda s: step(s, xs), s_prev)
-        return fs, parassm.ExactDiagonal()(None, xs, s_prev, lin, jnp.array(0))
+        # The values and the exact diagonals as QuasiDEER forms them (`D` JVPs).
+        problem = LoopProblem(system.f, lambda s: s, xs, system.s0, T)
+        return parassm.ExactDiagonal()(problem, shift(S), jnp.array(0))
 
     fns = dict(
         floor=(floor, (S, v, xs)),
