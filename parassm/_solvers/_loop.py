@@ -12,8 +12,9 @@ A parallel solver is three pieces (as in optimistix), plus its rules:
 - a *search* (`_search.py`): which step size to try next and whether to accept a trial
   (undamped, backtracking, trust region);
 - *rules* (`_rules.py`, the solver's `rules` field): the restarts of a tail that blew
-  up, stalled or crawls at rest, what the Jacobi retry keeps, and when maps are reused;
-  each a Module with documented constants, each switchable off.
+  up, stalled or crawls at rest, what the Jacobi retry keeps, when maps are reused,
+  and the verified iterate kept while a tighter residual is sought; each a Module
+  with documented constants, each switchable off.
 
 One `NewtonIteration.step` at the accepted iterate `S = (s_1..s_T)`, whose values
 `f(s_{t-1}, x_t)` are known, with a trial pending:
