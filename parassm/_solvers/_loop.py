@@ -297,7 +297,7 @@ def tightened(
     factor: Float[Array, ""], estimate: Float[Array, ""], min_factor: float
 ) -> tuple[Bool[Array, ""], Float[Array, ""]]:
     """`(tighten, tighter)`: whether an estimate of the error over one asks for a
-    tighter residual, and the residual tolerances' factor then. The error scales with the
+    tighter residual, and the residual tolerances' factor if so. The error scales with the
     residual, so the factor shrinks by what the estimate asks (at least halved), but
     not below the tightest tolerance the dtype measures (`min_factor`); where even that
     would not do (a chaotic system, whose error grows like its Jacobians' products),
@@ -305,8 +305,7 @@ def tightened(
     wanted = factor * jnp.minimum(0.5, 0.5 / estimate)
     possible = (wanted >= min_factor / 4) & (factor > 1.01 * min_factor)
     tighten = (estimate > 1) & possible
-    new = jnp.where(tighten, jnp.maximum(wanted, min_factor), factor).astype(factor.dtype)
-    return tighten, new
+    return tighten, jnp.maximum(wanted, min_factor).astype(factor.dtype)
 
 
 class NewtonIteration(eqx.Module):

@@ -44,9 +44,9 @@ class SlidingWindow(AbstractSolver):
     - `window`: the window length `W >= 1`. A window of at least `T` steps is `solver`
         itself.
 
-    `Solution.stats` are measured on the whole trajectory at the end (one more
-    vectorised evaluation of `f`). Once its residual meets the tolerance, the error of
-    the whole trajectory is estimated as the Newton loop does (`stats["error_estimate"]`),
+    `Solution.stats` are measured on the whole trajectory at the end. Once its
+    residual meets the tolerance, the error of the whole trajectory is estimated as
+    the Newton loop does (`stats["error_estimate"]`),
     window by window, with the exact Jacobians of `window` steps at a time (one more
     pass of `D` JVPs and scans over `T`); too large, the windows slide again with a
     tighter residual tolerance, and where the dtype cannot measure a tolerance tight
@@ -135,7 +135,7 @@ class SlidingWindow(AbstractSolver):
             """Slide the windows, then estimate the error of the whole trajectory
             (where its residual meets the tolerance); too large, tighten the residual's
             tolerance (as the Newton loop does) and slide them again."""
-            S, factor, _, verified, counts, search, _ = carry
+            S, _, factor, _, verified, counts, search, _ = carry
             S, counts, search = windows(S, factor, counts, search)
             fs = whole.evaluate(S)
             _, front, tol, _ = measure(S, fs, factor * rtol, factor * atol)
@@ -151,28 +151,32 @@ class SlidingWindow(AbstractSolver):
                 counts.trials,
                 counts.linearisations + jnp.where(converged, passes, 0),
             )
-            better = converged & (estimate < verified[2])
+            better = converged & (estimate < verified[-1])
             verified = tuple(
-                jnp.where(better, new, old) for new, old in zip((S, factor, estimate), verified)
+                jnp.where(better, new, old) for new, old in zip((S, fs, factor, estimate), verified)
             )
             tighten, tighter = tightened(factor, estimate, floor)
             again = converged & tighten & (counts.steps < max_steps)
-            return S, jnp.where(again, tighter, factor), estimate, verified, counts, search, again
+            factor = jnp.where(again, tighter, factor)
+            return S, fs, factor, estimate, verified, counts, search, again
 
         zero = jnp.array(0)
         search = solver.search.init(dtype)
         search = (jnp.asarray(search[0], dtype), search[1])
         one = jnp.ones((), dtype)
-        carry = (S0, one, inf, (S0, one, inf), Counts(zero, zero, zero), search, jnp.array(True))
-        S, factor, estimate, verified, counts, search, _ = lax.while_loop(
+        # (The values `fs` at `S` come out of the last round: `finish_measured` needs
+        # no evaluation of its own.)
+        verified = (S0, S0, one, inf)
+        carry = (S0, S0, one, inf, verified, Counts(zero, zero, zero), search, jnp.array(True))
+        S, fs, factor, estimate, verified, counts, search, _ = lax.while_loop(
             lambda carry: carry[-1], rounds, carry
         )
         if keeps:
             # A round that did not meet the tighter tolerance returns the trajectory
             # verified before it, as the Newton loop does (`KeepVerified`).
-            back = (verified[2] < inf) & ~(estimate <= 1)
-            S, factor, estimate = (
-                jnp.where(back, old, new) for new, old in zip((S, factor, estimate), verified)
+            back = (verified[-1] < inf) & ~(estimate <= 1)
+            S, fs, factor, estimate = (
+                jnp.where(back, old, new) for new, old in zip((S, fs, factor, estimate), verified)
             )
         # The whole trajectory measured once more: the result and the statistics.
         S, result, stats = finish_measured(
@@ -182,6 +186,7 @@ class SlidingWindow(AbstractSolver):
             max_steps,
             counts=counts,
             search=SearchProgress(search[0], search[1], zero, inf),
+            fs=fs,
             estimate=estimate,
             factor=factor,
         )
