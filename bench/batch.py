@@ -26,6 +26,14 @@ against `lax.scan` over the batch. Dense maps over `DENSE_LIMIT` numbers are ski
     python bench/batch.py --profile full --peers-dir ~/peers
     python bench/batch.py --H 16 --T 2000 --B 8 --solvers DEER,QuasiDEER
     python bench/batch.py --clock cpu       # CPU seconds of the process, on a loaded machine
+    python bench/batch.py --train           # a training step instead (see below)
+
+With `--train` each contender is a training step instead: `eqx.filter_value_and_grad`
+of the mean squared hidden state with respect to the cell's parameters, on one sequence
+and on the batch (`jax.vmap` of the layer inside the loss, as a model is trained):
+`lax.scan` over the cell, and `parassm.nn.ParallelRNN(cell, solver=...)` (implicit
+adjoint, `throw=False`) for `TRAIN_SOLVERS`. The error is the largest against
+`lax.scan`'s gradient.
 
 JSON rows (with the git sha) go to `bench/results/batch_<backend>.json`; `--md` prints
 the table as Markdown (for docs/benchmarks.md).
@@ -80,6 +88,8 @@ def solvers() -> dict[str, parassm.AbstractSolver]:
     }
 
 
+# The solvers of `--train` (fixed in the layer, as a jitted training step needs).
+TRAIN_SOLVERS = ("DEER", "QuasiDEER")
 DENSE = ("DEER", "ELK", "MultipleShooting", "SlidingWindow")
 ZEROTH = ("Picard", "Jacobi")
 # The peer each parassm solver is compared with (dense against dense, diagonal against
@@ -134,6 +144,11 @@ def main(argv=None) -> int:
         "threads: steadier on a machine other processes load)",
     )
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="time a training step (value and gradient) through ParallelRNN instead",
+    )
     parser.add_argument("--md", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
     grid = dict(PROFILES[args.profile])
@@ -141,19 +156,23 @@ def main(argv=None) -> int:
         if getattr(args, key):
             grid[key] = tuple(getattr(args, key))
     chosen = solvers()
+    if args.train:
+        chosen = {k: chosen[k] for k in TRAIN_SOLVERS}
     if args.solvers:
-        chosen = {k: chosen[k] for k in args.solvers.split(",")}
-    peers = {} if args.no_peers else load_peers(args.peers_dir)
+        chosen = {k: solvers()[k] for k in args.solvers.split(",")}
+    peers = {} if (args.no_peers or args.train) else load_peers(args.peers_dir)
     for name, module in peers.items():
         if isinstance(module, Exception):
             print(f"peer {name}: could not be imported ({module!r})", file=sys.stderr)
-    base = dict(core.stamp(jnp.float32), bench="batch", profile=args.profile)
-    out_path = args.out or core.RESULTS_DIR / f"batch_{base['backend']}.json"
+    bench = "batch_train" if args.train else "batch"
+    base = dict(core.stamp(jnp.float32), bench=bench, profile=args.profile)
+    out_path = args.out or core.RESULTS_DIR / f"{bench}_{base['backend']}.json"
+    point_fn = run_train_point if args.train else run_point
     rows: list[dict] = []
     for H in grid["H"]:
         for T in grid["T"]:
             for B in grid["B"]:
-                rows += run_point(H, T, B, chosen, peers, args.rounds, dict(base, clock=args.clock))
+                rows += point_fn(H, T, B, chosen, peers, args.rounds, dict(base, clock=args.clock))
                 out_path.parent.mkdir(parents=True, exist_ok=True)
                 out_path.write_text(json.dumps(rows, indent=1, default=float) + "\n")
                 jax.clear_caches()
@@ -194,23 +213,7 @@ def run_point(H, T, B, chosen, peers, rounds, base) -> list[dict]:
                 continue
             contenders.append(Contender(name, "peer", run, jax.vmap(run)))
 
-    compiled = {}
-    for c in contenders:
-        for mode, fn, x in (("single", c.single, xs[0]), ("batch", c.batch, xs)):
-            comp, compile_s, out = compile_fn(fn, x)
-            compiled[c.name, mode] = [comp, x, compile_s, out, math.inf]
-            print(
-                f"  H={H} T={T} B={B} {c.name} {mode}: compiled in {compile_s:.1f} s",
-                file=sys.stderr,
-                flush=True,
-            )
-    clock = time.process_time if base["clock"] == "cpu" else time.perf_counter
-    for _ in range(rounds):
-        for entry in compiled.values():
-            comp, x = entry[0], entry[1]
-            start = clock()
-            jax.block_until_ready(comp(x))
-            entry[4] = min(entry[4], clock() - start)
+    compiled = time_contenders(contenders, xs, rounds, base["clock"], f"H={H} T={T} B={B}")
 
     ref = compiled["lax.scan", "batch"][3]
     scan_s = {m: compiled["lax.scan", m][4] for m in ("single", "batch")}
@@ -245,6 +248,101 @@ def run_point(H, T, B, chosen, peers, rounds, base) -> list[dict]:
             rows.append(row)
     add_peer_ratios(rows)
     return rows + skipped
+
+
+def time_contenders(contenders, xs, rounds, clock_name, label) -> dict:
+    """`(name, mode) -> [compiled, input, compile_s, output, fastest run_s]`: each
+    contender on one sequence and on the batch, compiled ahead of time, then timed
+    round-robin (the fastest of `rounds`)."""
+    compiled = {}
+    for c in contenders:
+        for mode, fn, x in (("single", c.single, xs[0]), ("batch", c.batch, xs)):
+            comp, compile_s, out = compile_fn(fn, x)
+            compiled[c.name, mode] = [comp, x, compile_s, out, math.inf]
+            print(
+                f"  {label} {c.name} {mode}: compiled in {compile_s:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    for _ in range(rounds):
+        for entry in compiled.values():
+            comp, x = entry[0], entry[1]
+            start = clock()
+            jax.block_until_ready(comp(x))
+            entry[4] = min(entry[4], clock() - start)
+    return compiled
+
+
+class ScanRNN(eqx.Module):
+    """The baseline layer of `--train`: the cell under `lax.scan`."""
+
+    cell: eqx.nn.GRUCell
+
+    def __call__(self, xs):
+        h0 = jnp.zeros(self.cell.hidden_size, xs.dtype)
+        return jax.lax.scan(lambda h, x: (self.cell(x, h),) * 2, h0, xs)[1]
+
+
+def run_train_point(H, T, B, chosen, peers, rounds, base) -> list[dict]:
+    """A training step on one sequence and on a batch (`jax.vmap` of the layer inside
+    the loss): the loss's value and its gradient with respect to the cell's
+    parameters. Returns the steps' rows, like `run_point`."""
+    cell = eqx.nn.GRUCell(4, H, dtype=jnp.float32, key=jr.key(0))
+    xs = jr.normal(jr.key(1), (B, T, 4), jnp.float32)
+    point = dict(base, H=H, T=T, B=B)
+    layers = {"lax.scan": ScanRNN(cell)}
+    for name, solver in chosen.items():
+        if name in DENSE and B * T * H * H > DENSE_LIMIT:
+            continue
+        layers[name] = parassm.nn.ParallelRNN(cell, solver=solver, throw=False)
+
+    def training_step(layer, batched):
+        params, static = eqx.partition(layer, eqx.is_array)
+
+        def loss(params, xs):
+            layer = eqx.combine(params, static)
+            hs = jax.vmap(layer)(xs) if batched else layer(xs)
+            return jnp.mean(hs**2)
+
+        return lambda xs: jax.value_and_grad(loss)(params, xs)
+
+    contenders = [
+        Contender(
+            f"train: {name}",
+            "baseline" if name == "lax.scan" else "parassm",
+            training_step(layer, False),
+            training_step(layer, True),
+        )
+        for name, layer in layers.items()
+    ]
+    compiled = time_contenders(contenders, xs, rounds, base["clock"], f"H={H} T={T} B={B}")
+    scan_s = {m: compiled["train: lax.scan", m][4] for m in ("single", "batch")}
+    rows = []
+    for c in contenders:
+        single_s = compiled[c.name, "single"][4]
+        for mode in ("single", "batch"):
+            _, _, compile_s, (value, grads), run_s = compiled[c.name, mode]
+            ref_value, ref_grads = compiled["train: lax.scan", mode][3]
+            err = max(
+                float(jnp.max(jnp.abs(a - b)))
+                for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads))
+            )
+            row = dict(
+                point,
+                name=c.name,
+                kind=c.kind,
+                mode=mode,
+                compile_s=compile_s,
+                run_s=run_s,
+                x_scan=run_s / scan_s[mode],
+                max_err=err,
+                loss_err=float(jnp.abs(value - ref_value)),
+            )
+            if mode == "batch":
+                row["batch_cost"] = run_s / (B * single_s)
+            rows.append(row)
+    return rows
 
 
 def add_peer_ratios(rows: list[dict]) -> None:
