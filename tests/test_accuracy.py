@@ -139,3 +139,86 @@ def test_contracting_systems_pass_the_estimate_at_once(dtype, getkey):
         single.stats["error_estimate"], sol.stats["error_estimate"][0], rtol=0.1
     )
     assert not np.allclose(others, sol.stats["error_estimate"][0], rtol=0.1)
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [
+        parassm.QuasiDEER(relinearise=0),
+        parassm.QuasiELK(),
+        parassm.Jacobi(),
+        parassm.Picard(),
+    ],
+    ids=_name,
+)
+def test_the_estimate_takes_the_exact_jacobians(solver):
+    # Where its maps are not the Jacobians (exact diagonals, zero, the identity), a
+    # solver estimates the trajectory's error with the exact Jacobians: at the same
+    # trajectory, the same estimate as DEER's. The trajectory: Van der Pol's off by a
+    # fifth of the tolerance at every step, in random directions (every solver
+    # accepts it as it is). With its diagonals instead, quasi-DEER's estimate is off
+    # by tens of percent here, and by 40x at the iterate where its residual first
+    # meets its tolerance in float32 (`AbstractParallelSolver.error_jacobians`).
+    # (Maps that cost fewer JVPs than the Jacobians, a Hutchinson diagonal or blocks
+    # smaller than the state, keep their own estimate.)
+    with jax.enable_x64(True):
+        f, s0, xs, truth = _problem("van der pol", jnp.float64, 1500)
+        rtol, _ = solver.tolerances(jnp.dtype(jnp.float64))
+        size = jnp.max(jnp.abs(truth), axis=1, keepdims=True)
+        S = truth + 0.2 * rtol * size * jr.uniform(jr.key(3), truth.shape, jnp.float64, -1, 1)
+
+        def estimate(solver):
+            sol = parassm.evaluate(f, s0, xs=xs, solver=solver, init=S, throw=False)
+            assert int(sol.stats["num_steps"]) == 0
+            assert sol.result == parassm.RESULTS.successful
+            return float(sol.stats["error_estimate"])
+
+        exact = estimate(parassm.DEER())
+        assert 0.05 < exact <= 1
+        # (The residuals are a fifth of a tolerance, 1e-12 of the states: values of `f`
+        # computed with or without the maps differ there in the fourth digit.)
+        assert estimate(solver) == pytest.approx(exact, rel=1e-3)
+
+
+def test_the_exact_corrections_agree():
+    # The exact correction three ways: dense Jacobians over the whole trajectory, in
+    # windows that do not divide it (each window's recurrence starting where the one
+    # before ended), and one JVP per step.
+    from parassm._solvers._descent import correction_in_windows, sequential_correction
+    from parassm._solvers._measure import Problem
+
+    with jax.enable_x64(True):
+        f, s0, xs, truth = _problem("van der pol", jnp.float64, 1500)
+        S = truth + 1e-6 * jr.normal(jr.key(4), truth.shape, jnp.float64)
+        problem = Problem(f, lambda s: s, xs, s0, 1500)
+        fs = jax.vmap(f)(problem.previous(S), xs)
+        whole = correction_in_windows(problem, S, fs)
+        assert float(jnp.max(jnp.abs(whole))) > 1e-6
+        for other in (
+            correction_in_windows(problem, S, fs, window=128),
+            sequential_correction(problem, S, fs),
+        ):
+            np.testing.assert_allclose(other, whole, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("solver", [parassm.QuasiDEER(relinearise=0), parassm.Jacobi()], ids=_name)
+def test_the_estimate_of_a_wide_state_takes_the_exact_jacobians(solver):
+    # From 17 components on a CPU the exact estimate is made one JVP per step: at the
+    # same trajectory (a GRU of 20 units off by a fifth of the tolerance), DEER's.
+    with jax.enable_x64(True):
+        system = parassm.systems.GRU(hidden_size=20, input_size=2, dtype=jnp.float64)
+        T = 400
+        xs = system.inputs(T, key=jr.key(5))
+        truth = jax.lax.scan(lambda s, x: (system.f(s, x),) * 2, system.s0, xs)[1]
+        rtol, _ = solver.tolerances(jnp.dtype(jnp.float64))
+        size = jnp.max(jnp.abs(truth), axis=1, keepdims=True)
+        S = truth + 0.2 * rtol * size * jr.uniform(jr.key(6), truth.shape, jnp.float64, -1, 1)
+
+        def estimate(solver):
+            sol = parassm.evaluate(system.f, system.s0, xs=xs, solver=solver, init=S)
+            assert int(sol.stats["num_steps"]) == 0
+            return float(sol.stats["error_estimate"])
+
+        exact = estimate(parassm.DEER())
+        assert 0.05 < exact <= 1
+        assert estimate(solver) == pytest.approx(exact, rel=1e-3)

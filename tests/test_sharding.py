@@ -148,8 +148,9 @@ def _collectives(solver, T, n=4, D=3):
     "solver, scans",
     [
         # One scan in the program: the loop's body makes one descent, whether for a
-        # trial at a new iterate, a retry or the estimate of the error.
-        (parassm.QuasiDEER(), 1),
+        # trial at a new iterate, a retry or the estimate of the error; quasi-DEER has
+        # a second, dense, for its estimate with the exact Jacobians.
+        (parassm.QuasiDEER(), 2),
         (parassm.DEER(), 1),
         # ELK's default trust region never damps: the Newton scan alone.
         (parassm.ELK(), 1),

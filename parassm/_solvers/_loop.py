@@ -75,7 +75,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .. import _batching as batching
-from ._descent import newton_correction
+from ._descent import exact_correction
 from ._measure import first_true, measure, merit, merit_cap, Problem
 from ._rules import ReuseState
 from ._safeguards import safeguarded
@@ -602,13 +602,10 @@ class NewtonIteration(eqx.Module):
             stopped = stopped | (verified.exists & accept & ~first & ~estimating & gives_up)
         if self.verify:
             delta = descent.correction(descent_state)
-            if solver.error_maps_apart:
-                # Maps of its own for the estimate (and the Newton trial after it).
-                def own_maps():
-                    maps = solver.error_maps(problem, problem.previous(S), iteration)
-                    return newton_correction(maps, S - fs, jnp.array(0))
-
-                delta = cond(estimating, own_maps, lambda: delta)
+            if solver.error_jacobians(S.shape[1]):
+                # Where the solver's maps are not the Jacobians, the exact Jacobians make
+                # the estimate (and the Newton trial after it).
+                delta = cond(estimating, lambda: exact_correction(problem, S, fs), lambda: delta)
                 formed = formed + estimating.astype(int)
             ratio = error_ratio(delta, tol, factor)
             estimate = jnp.where(estimating, ratio, estimate)

@@ -45,6 +45,11 @@ class BlockQuasiDEER(AbstractNewtonSolver):
     def reuse_threshold(self, size, length):
         return self.relinearise
 
+    def error_jacobians(self, size):
+        # Blocks of the whole state are the Jacobians; smaller ones cost fewer JVPs
+        # than the exact Jacobians would: its own maps either way.
+        return False
+
     def __check_init__(self):
         if self.block_size < 1:
             raise ValueError(f"`block_size` must be at least 1, got {self.block_size}.")

@@ -120,6 +120,7 @@ class DEER(AbstractNewtonSolver):
     rules: Rules = JACOBIAN_RULES
 
     maps_apart: ClassVar[bool] = True
+    exact_maps: ClassVar[bool] = True
 
     def linearise(self, problem, s_prev, iteration):
         fs, J = self.jacobian(problem, s_prev, iteration)

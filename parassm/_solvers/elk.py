@@ -82,6 +82,7 @@ class ELK(AbstractLevenbergMarquardtSolver):
     atol: float | None = None
 
     maps_apart: ClassVar[bool] = True
+    exact_maps: ClassVar[bool] = True
 
     def linearise(self, problem, s_prev, iteration):
         fs, J = self.jacobian(problem, s_prev, iteration)
@@ -116,6 +117,11 @@ class QuasiELK(AbstractLevenbergMarquardtSolver):
     def reuse_threshold(self, size, length):
         evaluations = self.diagonal.evaluations(size)
         return default_reuse_threshold(self.relinearise, evaluations, length)
+
+    def error_jacobians(self, size):
+        # Where the diagonals cost `D` JVPs per step anyway (`ExactDiagonal`), and are
+        # not the Jacobians themselves (`D = 1`).
+        return size > 1 and self.diagonal.evaluations(size) >= size
 
     def linearise(self, problem, s_prev, iteration):
         fs, diagonal = self.diagonal(problem, s_prev, iteration)

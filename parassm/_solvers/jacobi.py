@@ -1,5 +1,3 @@
-from typing import ClassVar
-
 from .. import _linear as linear
 from . import _jacobian as jacobian
 from ._parallel import AbstractNewtonSolver
@@ -28,10 +26,6 @@ class Jacobi(AbstractNewtonSolver):
     atol: float | None = None
     search: AbstractSearch = Undamped()
     rules: Rules = Rules()
-
-    # Its maps (zero) say nothing of how errors propagate along the trajectory: the
-    # estimate of the error uses the exact diagonals of the Jacobians.
-    error_maps_apart: ClassVar[bool] = True
 
     def linearise(self, problem, s_prev, iteration):
         fs = jacobian.over_time(problem.fn, problem.xs)(s_prev)

@@ -1,5 +1,3 @@
-from typing import ClassVar
-
 import jax.numpy as jnp
 
 from .. import _linear as linear
@@ -32,10 +30,6 @@ class Picard(AbstractNewtonSolver):
     atol: float | None = None
     search: AbstractSearch = Undamped()
     rules: Rules = Rules()
-
-    # Its maps (the identity) say nothing of how errors propagate along the trajectory: the
-    # estimate of the error uses the exact diagonals of the Jacobians.
-    error_maps_apart: ClassVar[bool] = True
 
     def linearise(self, problem, s_prev, iteration):
         fs = jacobian.over_time(problem.fn, problem.xs)(s_prev)

@@ -172,6 +172,11 @@ class QuasiDEER(AbstractNewtonSolver):
         evaluations = self.diagonal.evaluations(size)
         return default_reuse_threshold(self.relinearise, evaluations, length)
 
+    def error_jacobians(self, size):
+        # Where the diagonals cost `D` JVPs per step anyway (`ExactDiagonal`), and are
+        # not the Jacobians themselves (`D = 1`).
+        return size > 1 and self.diagonal.evaluations(size) >= size
+
     def linearise(self, problem, s_prev, iteration):
         fs, diagonal = self.diagonal(problem, s_prev, iteration)
         return fs, linear.Diagonal(diagonal)

@@ -3,11 +3,10 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from .. import _batching as batching, _linear as linear
+from .. import _batching as batching
 from .._problem import flatten, unravel_trajectory
-from . import _jacobian as jacobian
 from ._base import AbstractSolver
-from ._descent import frozen
+from ._descent import correction_in_windows
 from ._loop import error_ratio, min_factor, tightened
 from ._measure import measure
 from ._parallel import (
@@ -196,34 +195,18 @@ class SlidingWindow(AbstractSolver):
 def _estimate(solver, whole: Problem, S, fs, tol, factor, W: int):
     """The estimate of the error of the whole trajectory `S` (the Newton loop's:
     `error_ratio` of the linearised error recurrence `e_t = J_t e_{t-1} + f_t - s_t`),
-    window by window: the Jacobians of `W` steps at a time (`O(W D^2)` memory), each
-    window's recurrence starting from the error at the end of the one before (the
-    last window overlaps the one before it where `W` does not divide `T`).
+    window by window (`correction_in_windows`, `W` steps at a time).
 
     With the exact Jacobians whatever the solver's maps (a solver whose maps are
-    dense uses its own): a diagonal sees the coupling of the components only through
-    its entries, and on an oscillator the error's drift is in that coupling (seen:
-    FitzHugh-Nagumo, float64, a quasi-DEER window's diagonal estimate passed a
+    the Jacobians uses its own): a diagonal sees the coupling of the components only
+    through its entries, and on an oscillator the error's drift is in that coupling
+    (seen: FitzHugh-Nagumo, float64, a quasi-DEER window's diagonal estimate passed a
     trajectory 80x the tolerance off). One pass of `D` JVPs over the sequence, once."""
-    T = S.shape[0]
-    starts = jnp.minimum(jnp.arange(0, T, W), T - W)
+    maps = None
+    if solver.exact_maps:
 
-    def one(errors, w0):
-        previous = jnp.where(w0 > 0, S[jnp.maximum(w0 - 1, 0)], whole.s0)
-        xs = jtu.tree_map(lambda x: lax.dynamic_slice_in_dim(x, w0, W), whole.xs)
-        problem = Problem(whole.fn, whole.unravel, xs, previous, W)
-        S_w = lax.dynamic_slice_in_dim(S, w0, W)
-        r = S_w - lax.dynamic_slice_in_dim(fs, w0, W)
-        s_prev = problem.previous(S_w)
-        if solver.maps_apart:
-            # The solver's own dense Jacobians (DEER, ELK).
-            _, transition = solver.linearise(problem, s_prev, jnp.array(0))
-        else:
-            transition = linear.Dense(jacobian.dense(problem.fn, s_prev, problem.xs))
-        before = jnp.where(w0 > 0, errors[jnp.maximum(w0 - 1, 0)], jnp.zeros_like(r[0]))
-        # (Non-finite maps count as zero, as in the loop's corrections.)
-        e = linear.solve(frozen(transition, jnp.array(-1)), -r, init=before)
-        return lax.dynamic_update_slice_in_dim(errors, e, w0, axis=0), None
+        def maps(problem, s_prev):
+            return solver.linearise(problem, s_prev, jnp.array(0))[1]
 
-    errors, _ = lax.scan(one, jnp.zeros_like(S), starts)
+    errors = correction_in_windows(whole, S, fs, window=W, maps=maps)
     return error_ratio(errors, tol, factor)
