@@ -155,11 +155,12 @@ def main(argv=None) -> int:
     for key in ("H", "T", "B"):
         if getattr(args, key):
             grid[key] = tuple(getattr(args, key))
-    chosen = solvers()
+    every = solvers()
+    chosen = every
     if args.train:
-        chosen = {k: chosen[k] for k in TRAIN_SOLVERS}
+        chosen = {k: every[k] for k in TRAIN_SOLVERS}
     if args.solvers:
-        chosen = {k: solvers()[k] for k in args.solvers.split(",")}
+        chosen = {k: every[k] for k in args.solvers.split(",")}
     peers = {} if (args.no_peers or args.train) else load_peers(args.peers_dir)
     for name, module in peers.items():
         if isinstance(module, Exception):
@@ -219,23 +220,11 @@ def run_point(H, T, B, chosen, peers, rounds, base) -> list[dict]:
     scan_s = {m: compiled["lax.scan", m][4] for m in ("single", "batch")}
     rows = []
     for c in contenders:
-        single_s = compiled[c.name, "single"][4]
         for mode in ("single", "batch"):
-            _, _, compile_s, out, run_s = compiled[c.name, mode]
+            out = compiled[c.name, mode][3]
             value = trajectory_of(out)
             err = jnp.max(jnp.abs(value - (ref if mode == "batch" else ref[0])))
-            row = dict(
-                point,
-                name=c.name,
-                kind=c.kind,
-                mode=mode,
-                compile_s=compile_s,
-                run_s=run_s,
-                x_scan=run_s / scan_s[mode],
-                max_err=float(err),
-            )
-            if mode == "batch":
-                row["batch_cost"] = run_s / (B * single_s)
+            row = timing_row(point, c, mode, compiled, scan_s, max_err=float(err))
             if isinstance(out, parassm.Solution):
                 steps = out.stats["num_steps"]
                 row["steps_max"] = int(jnp.max(steps))
@@ -320,29 +309,38 @@ def run_train_point(H, T, B, chosen, peers, rounds, base) -> list[dict]:
     scan_s = {m: compiled["train: lax.scan", m][4] for m in ("single", "batch")}
     rows = []
     for c in contenders:
-        single_s = compiled[c.name, "single"][4]
         for mode in ("single", "batch"):
-            _, _, compile_s, (value, grads), run_s = compiled[c.name, mode]
+            value, grads = compiled[c.name, mode][3]
             ref_value, ref_grads = compiled["train: lax.scan", mode][3]
             err = max(
                 float(jnp.max(jnp.abs(a - b)))
                 for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads))
             )
-            row = dict(
-                point,
-                name=c.name,
-                kind=c.kind,
-                mode=mode,
-                compile_s=compile_s,
-                run_s=run_s,
-                x_scan=run_s / scan_s[mode],
-                max_err=err,
-                loss_err=float(jnp.abs(value - ref_value)),
+            loss_err = float(jnp.abs(value - ref_value))
+            rows.append(
+                timing_row(point, c, mode, compiled, scan_s, max_err=err, loss_err=loss_err)
             )
-            if mode == "batch":
-                row["batch_cost"] = run_s / (B * single_s)
-            rows.append(row)
     return rows
+
+
+def timing_row(point, c, mode, compiled, scan_s, **measured) -> dict:
+    """The row of contender `c` in `mode` (`time_contenders`' entries): its times,
+    over `lax.scan`'s in the same mode (`scan_s`), and for a batch over `B` single
+    runs; `measured` adds the accuracy fields."""
+    _, _, compile_s, _, run_s = compiled[c.name, mode]
+    row = dict(
+        point,
+        name=c.name,
+        kind=c.kind,
+        mode=mode,
+        compile_s=compile_s,
+        run_s=run_s,
+        x_scan=run_s / scan_s[mode],
+        **measured,
+    )
+    if mode == "batch":
+        row["batch_cost"] = run_s / (point["B"] * compiled[c.name, "single"][4])
+    return row
 
 
 def add_peer_ratios(rows: list[dict]) -> None:

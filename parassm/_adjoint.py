@@ -118,15 +118,7 @@ class SequentialScan(AbstractLinearSolver):
 
     def solve(self, lin, state, c):
         fn, (s_prev, xs) = self._step_fn(lin)
-
-        def body(ds, inputs):
-            sp, x, ct = inputs
-            _, jv = jax.jvp(lambda s: fn(s, x), (sp,), (ds,))
-            ds = jv + ct
-            return ds, ds
-
-        zero = jnp.zeros_like(c[0])
-        return lax.scan(body, zero, (s_prev, xs, c))[1]
+        return jacobian.tangent_scan(fn, s_prev, xs, c)
 
     def solve_transpose(self, lin, state, g):
         fn, (s_prev, xs) = self._step_fn(lin)

@@ -23,7 +23,6 @@ import abc
 from collections.abc import Callable
 
 import equinox as eqx
-import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -32,6 +31,8 @@ from jaxtyping import Array, Float, Int, PyTree
 from .. import _linear as linear
 from .._linear._kalman import smoothed_means
 from .._linear._shift import shift
+from . import _jacobian as jacobian
+from ._measure import Problem
 
 
 def _times(x: Array) -> Array:
@@ -105,7 +106,7 @@ ESTIMATE_NUMBERS = 2**24
 
 
 def correction_in_windows(
-    problem,
+    problem: Problem,
     S: Float[Array, "T D"],
     fs: Float[Array, "T D"],
     window: int | None = None,
@@ -122,10 +123,6 @@ def correction_in_windows(
     pass of `D` JVPs over the sequence. `maps(problem, s_prev)` forms a window's maps
     (default: the exact Jacobians, `jacobian.dense`); `problem` is a
     `_measure.Problem`. Non-finite maps count as zero, as in every correction."""
-    # (A function of the loop's layer: imported here, the layer above imports this.)
-    from . import _jacobian as jacobian
-    from ._measure import Problem
-
     if maps is None:
 
         def maps(problem, s_prev):
@@ -153,24 +150,13 @@ def correction_in_windows(
 
 
 def sequential_correction(
-    problem, S: Float[Array, "T D"], fs: Float[Array, "T D"]
+    problem: Problem, S: Float[Array, "T D"], fs: Float[Array, "T D"]
 ) -> Float[Array, "T D"]:
     """The Newton correction at `S` with the exact Jacobians, $\\delta_t = J_t
-    \\delta_{t-1} - r_t$ ($r = S - f$), one step after the other: one JVP of `f` per
-    step (`lax.scan`), no Jacobian formed, `O(T D)` memory, depth `T`: the same as
-    `correction_in_windows`, cheaper on a CPU from a few dozen components (a scan of
-    JVPs costs two or three sequential evaluations of `f`)."""
-    xs = problem.xs
-    s_prev = problem.previous(S)
-
-    def step(e, inputs):
-        s, x, r = inputs
-        _, pushed = jax.jvp(lambda s: problem.fn(s, x), (s,), (e,))
-        e = pushed - r
-        return e, e
-
-    _, errors = lax.scan(step, jnp.zeros_like(S[0]), (s_prev, xs, S - fs))
-    return errors
+    \\delta_{t-1} - r_t$ ($r = S - f$), one JVP per step (`jacobian.tangent_scan`):
+    the same as `correction_in_windows`, cheaper on a CPU from a few dozen components
+    (a scan of JVPs costs two or three sequential evaluations of `f`)."""
+    return jacobian.tangent_scan(problem.fn, problem.previous(S), problem.xs, fs - S)
 
 
 # Up to which state size the loop's body makes the exact correction from dense
@@ -181,7 +167,7 @@ SEQUENTIAL_FROM = 17
 
 
 def exact_correction(
-    problem, S: Float[Array, "T D"], fs: Float[Array, "T D"]
+    problem: Problem, S: Float[Array, "T D"], fs: Float[Array, "T D"]
 ) -> Float[Array, "T D"]:
     """The Newton correction at `S` with the exact Jacobians, as the loop's body makes
     it: `correction_in_windows` (dense Jacobians, parallel), except where the linear

@@ -56,6 +56,22 @@ def over_time(fn: Callable, xs: PyTree | None) -> Callable[[Array], Array]:
     return lambda s_prev: jax.vmap(fn, in_axes=_in_axes(xs))(s_prev, xs)
 
 
+def tangent_scan(
+    fn: Callable, s_prev: Float[Array, "T D"], xs: PyTree | None, c: Float[Array, "T D"]
+) -> Float[Array, "T D"]:
+    """The tangent recurrence `d_t = J_t d_{t-1} + c_t` (`d_0 = c_0`), `J_t` the
+    Jacobian of `fn` at `(s_prev_t, x_t)`, one step after the other: one JVP per step
+    (`lax.scan`), no Jacobian formed, `O(T D)` memory, depth `T`."""
+
+    def step(d, inputs):
+        s, x, ct = inputs
+        _, pushed = jax.jvp(lambda s: fn(s, x), (s,), (d,))
+        d = pushed + ct
+        return d, d
+
+    return lax.scan(step, jnp.zeros_like(c[0]), (s_prev, xs, c))[1]
+
+
 def _columns(fn: Callable, s: Array, x, basis: Float[Array, "k D"]) -> tuple[Array, Array]:
     """`(fn(s, x), J basis^T)` for one step: the value and `J v` for each row `v`."""
 
