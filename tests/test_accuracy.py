@@ -201,10 +201,18 @@ def test_the_exact_corrections_agree():
             np.testing.assert_allclose(other, whole, rtol=1e-9, atol=1e-15)
 
 
-@pytest.mark.parametrize("solver", [parassm.QuasiDEER(relinearise=0), parassm.Jacobi()], ids=_name)
+@pytest.mark.default_scan
+@pytest.mark.parametrize(
+    "solver",
+    [parassm.QuasiDEER(relinearise=0), parassm.Jacobi(), parassm.DEER(), parassm.ELK()],
+    ids=_name,
+)
 def test_the_estimate_of_a_wide_state_takes_the_exact_jacobians(solver):
-    # From 17 components on a CPU the exact estimate is made one JVP per step: at the
-    # same trajectory (a GRU of 20 units off by a fifth of the tolerance), DEER's.
+    # From 17 components on a CPU (`LoopScan`, the CPU's default scan: this test runs
+    # it) the exact estimate is made one JVP per step (also by
+    # DEER and ELK, whose dense maps by JVPs cost more): at the same trajectory (a GRU
+    # of 20 units off by a fifth of the tolerance), the estimate of DEER with a closed
+    # form, which makes it from its own dense maps.
     with jax.enable_x64(True):
         system = parassm.systems.GRU(hidden_size=20, input_size=2, dtype=jnp.float64)
         T = 400
@@ -219,6 +227,9 @@ def test_the_estimate_of_a_wide_state_takes_the_exact_jacobians(solver):
             assert int(sol.stats["num_steps"]) == 0
             return float(sol.stats["error_estimate"])
 
-        exact = estimate(parassm.DEER())
+        closed_form = parassm.FunctionJacobian(lambda s, x: jax.jacfwd(system.f)(s, x))
+        assert not parassm.DEER(jacobian=closed_form).error_jacobians(20)
+        assert solver.error_jacobians(20)
+        exact = estimate(parassm.DEER(jacobian=closed_form))
         assert 0.05 < exact <= 1
         assert estimate(solver) == pytest.approx(exact, rel=1e-3)

@@ -174,10 +174,18 @@ def exact_correction(
     scans run one step after the other anyway (`parassm.linear.LoopScan`, the CPU
     default) and the state has `SEQUENTIAL_FROM` components or more:
     `sequential_correction` (one JVP per step, no Jacobian formed)."""
-    sequential = isinstance(linear.default_scan_impl(), linear.LoopScan)
-    if sequential and S.shape[1] >= SEQUENTIAL_FROM:
+    if corrects_sequentially(S.shape[1]):
         return sequential_correction(problem, S, fs)
     return correction_in_windows(problem, S, fs)
+
+
+def corrects_sequentially(size: int) -> bool:
+    """Whether `exact_correction` takes one JVP per step (`sequential_correction`) for
+    a state of `size` components: on `parassm.linear.LoopScan` from `SEQUENTIAL_FROM`
+    components. It is then cheaper than a pass of dense Jacobians and a dense scan
+    also where a solver forms dense Jacobians itself (`DEER`, `ELK`)."""
+    sequential = isinstance(linear.default_scan_impl(), linear.LoopScan)
+    return sequential and size >= SEQUENTIAL_FROM
 
 
 class NewtonDescent(AbstractDescent):

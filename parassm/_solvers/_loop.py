@@ -546,7 +546,10 @@ class NewtonIteration(eqx.Module):
         # either: the maps are formed, or taken, and used in one branch (dense maps
         # handed from one conditional to the next were copied: DEER on a GRU, H = 32,
         # T = 1e4, 2.6x the time).
-        descends = (~stopped & ~jacobi) | estimating
+        # The estimate made apart from the solver's maps (`error_jacobians`) needs no
+        # descent.
+        apart_estimate = self.verify and solver.error_jacobians(S.shape[1])
+        descends = (~stopped & ~jacobi) | (estimating & (not apart_estimate))
         # For the estimate, the Newton correction with nothing frozen.
         frozen_front = jnp.where(estimating, 0, front)
         if not self.apart:
@@ -602,7 +605,7 @@ class NewtonIteration(eqx.Module):
             stopped = stopped | (verified.exists & accept & ~first & ~estimating & gives_up)
         if self.verify:
             delta = descent.correction(descent_state)
-            if solver.error_jacobians(S.shape[1]):
+            if apart_estimate:
                 # Where the solver's maps are not the Jacobians, the exact Jacobians make
                 # the estimate (and the Newton trial after it).
                 delta = cond(estimating, lambda: exact_correction(problem, S, fs), lambda: delta)

@@ -102,9 +102,13 @@ class AbstractParallelSolver(AbstractSolver):
 
     def error_jacobians(self, size: int) -> bool:
         """Whether the estimate of the trajectory's error takes the exact Jacobians
-        (`_descent.correction_in_windows`: one pass of `D` JVPs and a dense linear
-        solve, window by window, each time the residual meets its tolerance), where
-        the solver's maps are not them: the default.
+        apart from the solver's maps (`_descent.exact_correction`: one pass of `D`
+        JVPs and a dense linear solve, window by window, or on a CPU from
+        `SEQUENTIAL_FROM` components one JVP per step), each time the residual meets
+        its tolerance, in place of the descent at that iterate: the default where the
+        solver's maps are not the Jacobians. (Solvers that form dense Jacobians by
+        JVPs take it where it is the one JVP per step: cheaper than their own pass
+        of Jacobians and a dense scan.)
 
         Why: diagonals (or blocks, or Jacobi's zeros and Picard's identity) see the
         coupling of the components only through their own entries, and on an

@@ -18,7 +18,7 @@ from .. import _linear as linear
 from ._parallel import AbstractLevenbergMarquardtSolver, default_reuse_threshold
 from ._rules import JACOBIAN_RULES, Rules
 from ._search import AbstractSearch, TrustRegion
-from .deer import AbstractJacobian, ExactJacobian
+from .deer import AbstractJacobian, ExactJacobian, tangent_estimate
 from .quasi_deer import AbstractDiagonal, ExactDiagonal
 
 
@@ -83,6 +83,9 @@ class ELK(AbstractLevenbergMarquardtSolver):
 
     maps_apart: ClassVar[bool] = True
     exact_maps: ClassVar[bool] = True
+
+    def error_jacobians(self, size):
+        return tangent_estimate(self.jacobian, size)
 
     def linearise(self, problem, s_prev, iteration):
         fs, J = self.jacobian(problem, s_prev, iteration)
