@@ -3,6 +3,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import equinox as eqx
+from equinox import AbstractVar
 from jaxtyping import Array, Float
 
 from .. import _linear as linear
@@ -81,7 +82,25 @@ class FunctionJacobian(AbstractJacobian):
         return fs, jacobian.over_time(jac, problem.xs)(s_prev).astype(s_prev.dtype)
 
 
-class DEER(AbstractNewtonSolver):
+class JacobianMaps(eqx.Module):
+    """The maps of a solver that linearises with the Jacobians its `jacobian` forms
+    ([`parassm.DEER`][], [`parassm.ELK`][]): dense, formed in a pass of their own (a
+    trial then costs only `f`), and exact."""
+
+    jacobian: AbstractVar[AbstractJacobian]
+
+    maps_apart: ClassVar[bool] = True
+    exact_maps: ClassVar[bool] = True
+
+    def error_jacobians(self, size):
+        return tangent_estimate(self.jacobian, size)
+
+    def linearise(self, problem, s_prev, iteration):
+        fs, J = self.jacobian(problem, s_prev, iteration)
+        return fs, linear.Dense(J)
+
+
+class DEER(JacobianMaps, AbstractNewtonSolver):
     r"""Newton's method on the residual system, with the full Jacobian (DEER).
 
     Each iteration solves $s^{new}_t = J_t s^{new}_{t-1} + b_t$ with the dense Jacobian
@@ -129,13 +148,3 @@ class DEER(AbstractNewtonSolver):
     atol: float | None = None
     search: AbstractSearch = Backtracking()
     rules: Rules = JACOBIAN_RULES
-
-    maps_apart: ClassVar[bool] = True
-    exact_maps: ClassVar[bool] = True
-
-    def error_jacobians(self, size):
-        return tangent_estimate(self.jacobian, size)
-
-    def linearise(self, problem, s_prev, iteration):
-        fs, J = self.jacobian(problem, s_prev, iteration)
-        return fs, linear.Dense(J)

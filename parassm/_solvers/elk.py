@@ -12,17 +12,14 @@ $w_t \sim N(0, I)$, observed as $0 = \Delta_t + v_t$, $v_t \sim N(0, I / \lambda
 search ([`parassm.TrustRegion`][] by default).
 """
 
-from typing import ClassVar
-
-from .. import _linear as linear
-from ._parallel import AbstractLevenbergMarquardtSolver, default_reuse_threshold
+from ._parallel import AbstractLevenbergMarquardtSolver
 from ._rules import JACOBIAN_RULES, Rules
 from ._search import AbstractSearch, TrustRegion
-from .deer import AbstractJacobian, ExactJacobian, tangent_estimate
-from .quasi_deer import AbstractDiagonal, ExactDiagonal
+from .deer import AbstractJacobian, ExactJacobian, JacobianMaps
+from .quasi_deer import AbstractDiagonal, DiagonalMaps, ExactDiagonal
 
 
-class ELK(AbstractLevenbergMarquardtSolver):
+class ELK(JacobianMaps, AbstractLevenbergMarquardtSolver):
     r"""ELK: Levenberg-Marquardt steps with the full Jacobian, each solved exactly by a
     parallel Kalman smoother.
 
@@ -81,18 +78,8 @@ class ELK(AbstractLevenbergMarquardtSolver):
     rtol: float | None = None
     atol: float | None = None
 
-    maps_apart: ClassVar[bool] = True
-    exact_maps: ClassVar[bool] = True
 
-    def error_jacobians(self, size):
-        return tangent_estimate(self.jacobian, size)
-
-    def linearise(self, problem, s_prev, iteration):
-        fs, J = self.jacobian(problem, s_prev, iteration)
-        return fs, linear.Dense(J)
-
-
-class QuasiELK(AbstractLevenbergMarquardtSolver):
+class QuasiELK(DiagonalMaps, AbstractLevenbergMarquardtSolver):
     r"""Quasi-ELK: Levenberg-Marquardt steps with the diagonal of the Jacobian, solved
     by an elementwise parallel Kalman smoother (`O(T D)` memory and work).
 
@@ -116,16 +103,3 @@ class QuasiELK(AbstractLevenbergMarquardtSolver):
     rtol: float | None = None
     atol: float | None = None
     relinearise: float | None = None
-
-    def reuse_threshold(self, size, length):
-        evaluations = self.diagonal.evaluations(size)
-        return default_reuse_threshold(self.relinearise, evaluations, length)
-
-    def error_jacobians(self, size):
-        # Where the diagonals cost `D` JVPs per step anyway (`ExactDiagonal`), and are
-        # not the Jacobians themselves (`D = 1`).
-        return size > 1 and self.diagonal.evaluations(size) >= size
-
-    def linearise(self, problem, s_prev, iteration):
-        fs, diagonal = self.diagonal(problem, s_prev, iteration)
-        return fs, linear.Diagonal(diagonal)

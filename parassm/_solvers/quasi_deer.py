@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
+from equinox import AbstractVar
 from jaxtyping import Array, Float
 
 from .. import _linear as linear
@@ -114,7 +115,29 @@ class FunctionDiagonal(AbstractDiagonal):
         return fs, jacobian.over_time(diag, problem.xs)(s_prev).astype(s_prev.dtype)
 
 
-class QuasiDEER(AbstractNewtonSolver):
+class DiagonalMaps(eqx.Module):
+    """The maps of a solver that linearises with the diagonals its `diagonal` gives
+    ([`parassm.QuasiDEER`][], [`parassm.QuasiELK`][]): formed with the values in one
+    pass, kept after fast steps as `relinearise` says."""
+
+    diagonal: AbstractVar[AbstractDiagonal]
+    relinearise: AbstractVar[float | None]
+
+    def reuse_threshold(self, size, length):
+        evaluations = self.diagonal.evaluations(size)
+        return default_reuse_threshold(self.relinearise, evaluations, length)
+
+    def error_jacobians(self, size):
+        # Where the diagonals cost `D` JVPs per step anyway (`ExactDiagonal`), and are
+        # not the Jacobians themselves (`D = 1`).
+        return size > 1 and self.diagonal.evaluations(size) >= size
+
+    def linearise(self, problem, s_prev, iteration):
+        fs, diagonal = self.diagonal(problem, s_prev, iteration)
+        return fs, linear.Diagonal(diagonal)
+
+
+class QuasiDEER(DiagonalMaps, AbstractNewtonSolver):
     r"""Quasi-Newton with the diagonal of the Jacobian (quasi-DEER).
 
     Each iteration solves $s^{new}_t = \mathrm{diag}(J_t) s^{new}_{t-1} + b_t$ by a
@@ -167,16 +190,3 @@ class QuasiDEER(AbstractNewtonSolver):
     search: AbstractSearch = Backtracking()
     rules: Rules = Rules()
     relinearise: float | None = None
-
-    def reuse_threshold(self, size, length):
-        evaluations = self.diagonal.evaluations(size)
-        return default_reuse_threshold(self.relinearise, evaluations, length)
-
-    def error_jacobians(self, size):
-        # Where the diagonals cost `D` JVPs per step anyway (`ExactDiagonal`), and are
-        # not the Jacobians themselves (`D = 1`).
-        return size > 1 and self.diagonal.evaluations(size) >= size
-
-    def linearise(self, problem, s_prev, iteration):
-        fs, diagonal = self.diagonal(problem, s_prev, iteration)
-        return fs, linear.Diagonal(diagonal)
