@@ -12,8 +12,9 @@ class Jacobi(AbstractNewtonSolver):
     in about `T` iterations unless `f` forgets its state quickly.
 
     Once the residual meets its tolerance, the estimate of the trajectory's error uses
-    the exact diagonals of the Jacobians (one pass of `D` JVPs): the iteration's own
-    maps say nothing of how errors propagate.
+    the exact Jacobians (`D` JVPs per step, or on a CPU from 17 components one JVP per
+    step in a sequential scan): the iteration's own maps say nothing of how errors
+    propagate.
 
     **Arguments:**
 
