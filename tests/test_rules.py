@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import jax.random as jr
 import parassm
 import pytest
+from parassm._solvers._loop import NewtonIteration
+from parassm._solvers._measure import Problem
 
 from .helpers import pendulum, sequential, tree_max_abs_diff
 
@@ -202,6 +204,31 @@ def test_keep_verified():
         rtol = parassm.QuasiDEER().tolerances(dtype)[0]
         error = tree_max_abs_diff(exact.value, sequential(pendulum, s0, None, T))
         assert error < rtol * 2
+
+
+@pytest.mark.parametrize(
+    "solver, keeps",
+    [
+        (parassm.QuasiDEER(parassm.HutchinsonDiagonal()), True),
+        (parassm.BlockQuasiDEER(1), True),
+        (parassm.QuasiDEER(), False),
+        (parassm.QuasiELK(), False),
+        (parassm.Jacobi(), False),
+        (parassm.DEER(), False),
+        (parassm.ELK(), False),
+    ],
+    ids=["Hutchinson", "blocks", "QuasiDEER", "QuasiELK", "Jacobi", "DEER", "ELK"],
+)
+def test_keep_verified_acts_where_the_estimate_is_not_exact(solver, keeps):
+    # Where the estimate takes the exact Jacobians, the trial after a tightening is a
+    # Newton step and the rule changed no row of the convergence zoo (an ablation),
+    # while carrying the verified iterate costs a batch: the loop leaves it out there.
+    # (Blocks of 1 on a state of 2 are smaller than the state: their own maps.)
+    problem = Problem(lambda s, x: jnp.tanh(s + x), lambda s: s, jnp.zeros((5, 2)), jnp.zeros(2), 5)
+    assert NewtonIteration(solver, problem, 10).keeps_verified is keeps
+    off = without(solver, "verified")
+    assert NewtonIteration(off, problem, 10).keeps_verified is False
+    assert NewtonIteration(solver, problem, 10, verify=False).keeps_verified is False
 
 
 def test_a_value_that_switches_a_rule_off_is_the_same_as_none():

@@ -209,6 +209,14 @@ class KeepVerified(eqx.Module):
     at 477, the last iterate 1e273 off). Off, the loop iterates until it meets the
     tighter tolerance or `max_steps`, and returns its last iterate.
 
+    It acts only where the loop estimates the error with the solver's own maps and
+    they are not the Jacobians (a Hutchinson or supplied diagonal, blocks smaller than
+    the state). Where the estimate takes the exact Jacobians (DEER, ELK, quasi solvers
+    with exact diagonals, Jacobi, Picard) the trial after a tightening is a Newton step,
+    and on the convergence zoo the rule changed no row there (DEER and ELK, 212 rows
+    each; quasi-DEER, 212 rows), while carrying the verified iterate under `jax.vmap`
+    cost quasi-DEER 14% of a batch's time (8 GRUs, H = 32, T = 2000, CPU).
+
     **Arguments:**
 
     - `slack`: default 2 (`1 + |A_t|` for a neutral direction, `|A_t| = 1`); `inf`
