@@ -366,8 +366,8 @@ class NewtonIteration(eqx.Module):
         diagonal, blocks smaller than the state). With the exact Jacobians the trial
         after a tightening is a Newton step, and the rule never acted on the
         convergence zoo (DEER and ELK at 935917f, quasi-DEER at e9f485a: 0 of 212 rows
-        changed), while carrying the verified iterate cost a batch of 8 GRUs 14% of its
-        quasi-DEER time (H = 32, T = 2000, CPU)."""
+        changed), while carrying the verified iterate cost a batch of 8 GRUs 5-14% of its
+        quasi-DEER time (H = 32, T = 2000, CPU, two runs)."""
         solver, size = self.solver, self.problem.s0.shape[0]
         exact = solver.exact_maps or solver.error_jacobians(size)
         return self.verify and solver.rules.verified is not None and not exact

@@ -215,7 +215,7 @@ class KeepVerified(eqx.Module):
     with exact diagonals, Jacobi, Picard) the trial after a tightening is a Newton step,
     and on the convergence zoo the rule changed no row there (DEER and ELK, 212 rows
     each; quasi-DEER, 212 rows), while carrying the verified iterate under `jax.vmap`
-    cost quasi-DEER 14% of a batch's time (8 GRUs, H = 32, T = 2000, CPU).
+    cost quasi-DEER 5-14% of a batch's time (8 GRUs, H = 32, T = 2000, CPU, two runs).
 
     **Arguments:**
 
