@@ -16,11 +16,14 @@ processes hits them alike) and keeps the fastest of `--rounds` runs, each follow
   (`--peers-dir`, default `$PARASSM_PEERS_DIR`, as in `bench/peers.py`).
 
 Each row records the time over `lax.scan`'s in the same mode, and for a batch the
-**batch cost**: the batch's time over `B` times the single run's (1.0: the batch costs
-what its sequences cost one by one; `lax.scan` itself is about 0.9 on a CPU). Newton
-steps are the single run's and the batch's largest and mean; the error is the largest
-against `lax.scan` over the batch. Dense maps over `DENSE_LIMIT` numbers are skipped
-(memory), and say so.
+**batch cost**: the batch's time over the sum of its `B` sequences' single runs, each
+sequence timed alone (1.0: the batch costs what its sequences cost one by one;
+`lax.scan` itself is about 0.9 on a CPU). `batch_cost_first`, the batch's time over `B`
+times the first sequence's, is what the rows without `single_sum_s` reported as the
+batch cost: a batch whose first sequence needs fewer iterations than another looks
+dearer by it. Newton steps are the first sequence's single run's and the batch's
+largest and mean; the error is the largest against `lax.scan` over the batch. Dense
+maps over `DENSE_LIMIT` numbers are skipped (memory), and say so.
 
     python bench/batch.py                                   # H in {8, 32}, T = 2000, B = 8
     python bench/batch.py --profile full --peers-dir ~/peers
@@ -240,26 +243,35 @@ def run_point(H, T, B, chosen, peers, rounds, base) -> list[dict]:
 
 
 def time_contenders(contenders, xs, rounds, clock_name, label) -> dict:
-    """`(name, mode) -> [compiled, input, compile_s, output, fastest run_s]`: each
-    contender on one sequence and on the batch, compiled ahead of time, then timed
-    round-robin (the fastest of `rounds`)."""
+    """`(name, mode) -> [compiled, inputs, compile_s, output, fastest run_s]`: each
+    contender on the batch and on each of its sequences alone, compiled ahead of time,
+    then timed round-robin (the fastest of `rounds`). A single run's `run_s` is the
+    first sequence's, as the output is; `each_s` (added to the entry) holds every
+    sequence's, so that "B single runs" is what running the batch's own sequences one
+    by one costs, whichever of them needs more iterations."""
     compiled = {}
     for c in contenders:
         for mode, fn, x in (("single", c.single, xs[0]), ("batch", c.batch, xs)):
             comp, compile_s, out = compile_fn(fn, x)
-            compiled[c.name, mode] = [comp, x, compile_s, out, math.inf]
+            inputs = list(xs) if mode == "single" else [xs]
+            compiled[c.name, mode] = [comp, inputs, compile_s, out, math.inf]
             print(
                 f"  {label} {c.name} {mode}: compiled in {compile_s:.1f} s",
                 file=sys.stderr,
                 flush=True,
             )
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    fastest = {key: [math.inf] * len(entry[1]) for key, entry in compiled.items()}
     for _ in range(rounds):
-        for entry in compiled.values():
-            comp, x = entry[0], entry[1]
-            start = clock()
-            jax.block_until_ready(comp(x))
-            entry[4] = min(entry[4], clock() - start)
+        for key, entry in compiled.items():
+            comp = entry[0]
+            for i, x in enumerate(entry[1]):
+                start = clock()
+                jax.block_until_ready(comp(x))
+                fastest[key][i] = min(fastest[key][i], clock() - start)
+    for key, entry in compiled.items():
+        entry[4] = fastest[key][0]
+        entry.append(fastest[key])
     return compiled
 
 
@@ -327,7 +339,7 @@ def timing_row(point, c, mode, compiled, scan_s, **measured) -> dict:
     """The row of contender `c` in `mode` (`time_contenders`' entries): its times,
     over `lax.scan`'s in the same mode (`scan_s`), and for a batch over `B` single
     runs; `measured` adds the accuracy fields."""
-    _, _, compile_s, _, run_s = compiled[c.name, mode]
+    compile_s, run_s = compiled[c.name, mode][2], compiled[c.name, mode][4]
     row = dict(
         point,
         name=c.name,
@@ -339,7 +351,10 @@ def timing_row(point, c, mode, compiled, scan_s, **measured) -> dict:
         **measured,
     )
     if mode == "batch":
-        row["batch_cost"] = run_s / (point["B"] * compiled[c.name, "single"][4])
+        each = compiled[c.name, "single"][5]
+        row["single_sum_s"] = sum(each)
+        row["batch_cost"] = run_s / sum(each)
+        row["batch_cost_first"] = run_s / (point["B"] * each[0])
     return row
 
 
