@@ -10,6 +10,7 @@ argument (equinox keeps static arguments, so their programs, alive in jax's cach
 
     python bench/memory.py                      # 300 problems per runner
     python bench/memory.py --problems 1000 --only DEER Auto
+    python bench/memory.py --problems 1000 --only DEER --log progress.jsonl  # counts as it goes
 
 Prints maps per problem (the growth over the last half of the problems, divided by
 their number, and over all of them) and writes JSON rows to
@@ -97,7 +98,7 @@ def make_runner(name: str):
     return lambda f, s0, xs: parassm.evaluate(f, s0, xs=xs, solver=solver, throw=False).value
 
 
-def child(name: str, problems: int, T: int, every: int) -> dict:
+def child(name: str, problems: int, T: int, every: int, log: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -117,6 +118,12 @@ def child(name: str, problems: int, T: int, every: int) -> dict:
         gc.collect()
         if (k + 1) % every == 0:
             counts.append(maps())
+            if log is not None:
+                # A run stopped early still leaves its counts so far.
+                with open(log, "a") as fh:
+                    row = dict(runner=name, problems=k + 1, maps=counts[-1])
+                    row["seconds"] = round(time.perf_counter() - start, 1)
+                    fh.write(json.dumps(row) + "\n")
     seconds = time.perf_counter() - start
     half = len(counts) // 2
     late = (counts[-1] - counts[half - 1]) / ((len(counts) - half) * every)
@@ -141,10 +148,16 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--log",
+        default=None,
+        help="append each runner's count after every `--every` problems "
+        "to this file (JSON lines), as it goes",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(child(args.child, args.problems, args.T, args.every)))
+        print(json.dumps(child(args.child, args.problems, args.T, args.every, args.log)))
         return 0
 
     sys.path.insert(0, str(HERE.parent))
@@ -157,6 +170,7 @@ def main(argv=None) -> int:
     for name in args.only or RUNNERS:
         cmd = [sys.executable, __file__, "--child", name, "--problems", str(args.problems)]
         cmd += ["--T", str(args.T), "--every", str(args.every)]
+        cmd += [] if args.log is None else ["--log", args.log]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         if proc.returncode != 0:
             row = dict(runner=name, status="failed", returncode=proc.returncode)
