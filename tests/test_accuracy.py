@@ -233,3 +233,98 @@ def test_the_estimate_of_a_wide_state_takes_the_exact_jacobians(solver):
         exact = estimate(parassm.DEER(jacobian=closed_form))
         assert 0.05 < exact <= 1
         assert estimate(solver) == pytest.approx(exact, rel=1e-3)
+
+
+def test_tangents_make_the_newton_correction_of_the_dense_maps():
+    # DEER's correction with the Jacobians unformed (one JVP per step) is the one with
+    # the dense Jacobians: the same frozen prefix (zero before the front, `-r` at it),
+    # and a non-finite product counts as zero as a non-finite map does.
+    from parassm import _linear as linear
+    from parassm._solvers import _jacobian as jacobian
+    from parassm._solvers._descent import newton_correction, Tangents
+    from parassm._solvers._measure import Problem
+
+    with jax.enable_x64(True):
+        system = parassm.systems.GRU(hidden_size=20, input_size=2, dtype=jnp.float64)
+        T = 300
+        xs = system.inputs(T, key=jr.key(5))
+        S = jr.normal(jr.key(6), (T, 20), jnp.float64)
+
+        def f(s, x):
+            return system.f(s, x)
+
+        problem = Problem(f, lambda s: s, xs, system.s0, T)
+        s_prev = problem.previous(S)
+        r = S - jax.vmap(f)(s_prev, xs)
+        dense = linear.Dense(jacobian.dense(f, s_prev, xs))
+        for front in (0, 1, 137, T - 1):
+            front = jnp.array(front)
+            got = Tangents(problem, s_prev).newton_correction(r, front)
+            want = newton_correction(dense, r, front)
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+            assert not jnp.any(got[: int(front)])
+
+        def blows_up(s, x):
+            # A map whose Jacobian is infinite from step 200 on (a derivative of
+            # `sqrt` at zero) and the state zero there.
+            return jnp.where(x[0] > 1e8, jnp.sqrt(s), f(s, x))
+
+        xs_inf = xs.at[200:, 0].set(1e9)
+        S_inf = S.at[199:].set(0.0)
+        problem = Problem(blows_up, lambda s: s, xs_inf, system.s0, T)
+        s_prev = problem.previous(S_inf)
+        r = S_inf - jax.vmap(blows_up)(s_prev, xs_inf)
+        dense = linear.Dense(jacobian.dense(blows_up, s_prev, xs_inf))
+        assert not jnp.all(jnp.isfinite(dense.elements()))
+        got = Tangents(problem, s_prev).newton_correction(r, jnp.array(3))
+        want = newton_correction(dense, r, jnp.array(3))
+        assert jnp.all(jnp.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.default_scan
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+def test_deer_takes_the_jacobians_unformed_where_scans_are_sequential(dtype):
+    # On the CPU's default scan from 17 components DEER's Newton corrections take the
+    # Jacobians as one JVP per step: no `T x D x D` array in its program, and the same
+    # steps and answer as DEER with the same Jacobians formed (a closed form).
+    with jax.enable_x64(dtype == jnp.float64):
+        system = parassm.systems.GRU(hidden_size=20, input_size=2, dtype=dtype)
+        T = 500
+        xs = system.inputs(T, key=jr.key(7))
+        truth = jax.lax.scan(lambda s, x: (system.f(s, x),) * 2, system.s0, xs)[1]
+        formed = parassm.DEER(
+            jacobian=parassm.FunctionJacobian(lambda s, x: jax.jacfwd(system.f)(s, x))
+        )
+        assert parassm.DEER().tangent_maps(20) and not parassm.ELK().tangent_maps(20)
+        assert not formed.tangent_maps(20) and not parassm.DEER().tangent_maps(16)
+
+        def run(solver):
+            return parassm.evaluate(system.f, system.s0, xs=xs, solver=solver, throw=False)
+
+        def shapes(solver):
+            # Every shape made anywhere in the program, nested jaxprs included.
+            seen = set()
+
+            def visit(jaxpr):
+                for eqn in jaxpr.eqns:
+                    seen.update(tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars)
+                    for param in eqn.params.values():
+                        for sub in param if isinstance(param, list | tuple) else [param]:
+                            if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                                visit(sub.jaxpr)
+                            elif isinstance(sub, jax.extend.core.Jaxpr):
+                                visit(sub)
+
+            visit(jax.make_jaxpr(lambda: run(solver))().jaxpr)
+            return seen
+
+        assert (T, 20, 20) in shapes(formed)
+        assert (T, 20, 20) not in shapes(parassm.DEER())
+        got, want = run(parassm.DEER()), run(formed)
+        assert got.result == parassm.RESULTS.successful == want.result
+        assert int(got.stats["num_steps"]) == int(want.stats["num_steps"])
+        scale = float(jnp.max(jnp.abs(truth)))
+        rtol, _ = parassm.DEER().tolerances(jnp.dtype(dtype))
+        assert float(jnp.max(jnp.abs(got.value - truth))) <= 10 * rtol * scale
+        np.testing.assert_allclose(got.value, want.value, rtol=0, atol=10 * rtol * scale)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Bool, Float, PyTree
 
 
 def describe(fn: Callable) -> str:
@@ -57,19 +57,29 @@ def over_time(fn: Callable, xs: PyTree | None) -> Callable[[Array], Array]:
 
 
 def tangent_scan(
-    fn: Callable, s_prev: Float[Array, "T D"], xs: PyTree | None, c: Float[Array, "T D"]
+    fn: Callable,
+    s_prev: Float[Array, "T D"],
+    xs: PyTree | None,
+    c: Float[Array, "T D"],
+    free: Bool[Array, " T"] | None = None,
 ) -> Float[Array, "T D"]:
     """The tangent recurrence `d_t = J_t d_{t-1} + c_t` (`d_0 = c_0`), `J_t` the
     Jacobian of `fn` at `(s_prev_t, x_t)`, one step after the other: one JVP per step
-    (`lax.scan`), no Jacobian formed, `O(T D)` memory, depth `T`."""
+    (`lax.scan`), no Jacobian formed, `O(T D)` memory, depth `T`.
+
+    With `free`, `J_t` counts as zero where `free_t` is false, and a product `J_t
+    d_{t-1}` that is not finite counts as zero (as non-finite maps do in a descent)."""
 
     def step(d, inputs):
-        s, x, ct = inputs
+        s, x, ct, free_t = inputs
         _, pushed = jax.jvp(lambda s: fn(s, x), (s,), (d,))
+        if free is not None:
+            pushed = jnp.where(free_t & jnp.isfinite(pushed), pushed, jnp.zeros((), d.dtype))
         d = pushed + ct
         return d, d
 
-    return lax.scan(step, jnp.zeros_like(c[0]), (s_prev, xs, c))[1]
+    inputs = (s_prev, xs, c, free)
+    return lax.scan(step, jnp.zeros_like(c[0]), inputs)[1]
 
 
 def _columns(fn: Callable, s: Array, x, basis: Float[Array, "k D"]) -> tuple[Array, Array]:

@@ -42,6 +42,9 @@ the whole batch and only when one of its elements needs it). Where the maps are 
 formed in a pass of their own, only at an accepted iterate that is not converged, so
 that the pass that confirms convergence and a rejected trial cost one evaluation of `f`
 and no Jacobian; otherwise the values and the maps of every trial come from one pass.
+Where a solver takes its Jacobians unformed (`solver.tangent_maps`: DEER on a CPU from
+17 components) the maps are the previous states alone (`_descent.Tangents`) and the
+descent makes its correction by one JVP per step.
 
 Safeguards that keep the causality bound "at most T accepted iterations" in floating
 point whatever the step is (not rules: they cannot be switched off):
@@ -75,7 +78,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .. import _batching as batching
-from ._descent import exact_correction
+from ._descent import exact_correction, Tangents
 from ._measure import first_true, measure, merit, merit_cap, Problem
 from ._rules import ReuseState
 from ._safeguards import safeguarded
@@ -394,7 +397,11 @@ class NewtonIteration(eqx.Module):
 
     def maps(self, S, iteration):
         """The maps at `S`. (The values `linearise` also returns are known already:
-        unused, and where they are a separate computation not run.)"""
+        unused, and where they are a separate computation not run.) Where the solver
+        takes the Jacobians unformed (`tangent_maps`), nothing is computed here: the
+        descent makes its correction by one JVP per step."""
+        if self.solver.tangent_maps(S.shape[1]):
+            return Tangents(self.problem, self.problem.previous(S))
         return self.solver.linearise(self.problem, self.problem.previous(S), iteration)[1]
 
     # init / step / terminate.

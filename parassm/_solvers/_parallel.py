@@ -124,6 +124,12 @@ class AbstractParallelSolver(AbstractSolver):
         maps."""
         return not self.exact_maps
 
+    def tangent_maps(self, size: int) -> bool:
+        """Whether the loop's Newton corrections take the exact Jacobians unformed, as
+        one JVP per step (`_descent.Tangents`), at state size `size`: no by default;
+        [`parassm.DEER`][] where its estimate does (`tangent_estimate`)."""
+        return False
+
     def reuse_threshold(self, size: int, length: int) -> float:
         """When the loop keeps the maps rather than forming new ones, at state size
         `size` and `length` steps (see `ReuseMaps`): after a step whose merit ratio is at

@@ -8,7 +8,7 @@ from jaxtyping import Array, Float
 
 from .. import _linear as linear
 from . import _jacobian as jacobian
-from ._descent import corrects_sequentially
+from ._descent import corrects_sequentially, NewtonDescent
 from ._parallel import AbstractNewtonSolver, Problem
 from ._rules import JACOBIAN_RULES, Rules
 from ._search import AbstractSearch, Backtracking
@@ -85,7 +85,8 @@ class FunctionJacobian(AbstractJacobian):
 class JacobianMaps(eqx.Module):
     """The maps of a solver that linearises with the Jacobians its `jacobian` forms
     ([`parassm.DEER`][], [`parassm.ELK`][]): dense, formed in a pass of their own (a
-    trial then costs only `f`), and exact."""
+    trial then costs only `f`), and exact; for a Newton descent on a CPU from 17
+    components, not formed at all (`tangent_maps`)."""
 
     jacobian: AbstractVar[AbstractJacobian]
 
@@ -94,6 +95,11 @@ class JacobianMaps(eqx.Module):
 
     def error_jacobians(self, size):
         return tangent_estimate(self.jacobian, size)
+
+    def tangent_maps(self, size):
+        # The Newton correction needs only products with the Jacobians; the
+        # Levenberg-Marquardt one (ELK) needs them formed, for the Kalman smoother.
+        return isinstance(self.descent, NewtonDescent) and tangent_estimate(self.jacobian, size)
 
     def linearise(self, problem, s_prev, iteration):
         fs, J = self.jacobian(problem, s_prev, iteration)
@@ -109,7 +115,11 @@ class DEER(JacobianMaps, AbstractNewtonSolver):
 
     Cost per iteration: `D` JVPs of `f` per step for the Jacobians (vectorised), an
     associative scan over `D x D` matrices (`O(T D^3)` work, `O(T D^2)` memory) and one
-    evaluation of `f` at the new iterate. Use [`parassm.QuasiDEER`][] for large `D`.
+    evaluation of `f` at the new iterate. Where the linear scans run one step after
+    the other anyway (`parassm.linear.LoopScan`, the CPU's default) and the state has
+    17 components or more, the Jacobians are not formed: the Newton correction is a
+    scan of one JVP per step (`O(T D)` memory), the same correction for fewer
+    operations. Use [`parassm.QuasiDEER`][] for large `D`.
 
     **Arguments:**
 
