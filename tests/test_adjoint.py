@@ -362,3 +362,38 @@ def test_quasi_scan_tolerance_bounds_the_error():
         assert err <= bound, (size, err, bound)
         # ... and the tolerance is what stopped it (the error is not far below).
         assert err > 1e-3 * bound
+
+
+@pytest.mark.default_scan
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+def test_default_adjoint_takes_one_jvp_per_step_where_scans_are_sequential(dtype):
+    # On the CPU's default scan from 17 components the implicit adjoint's default is
+    # the sequential solve (one JVP / VJP per step, no Jacobian formed), as DEER's own
+    # corrections; elsewhere the dense one up to 64 components. Gradients through a GRU
+    # of 20 units are those of `lax.scan`, in both dtypes.
+    from parassm._adjoint import default_linear_solver
+
+    assert isinstance(default_linear_solver(20), parassm.SequentialScan)
+    assert isinstance(default_linear_solver(16), parassm.DenseScan)
+    with parassm.linear.scan_impl("xla"):
+        assert isinstance(default_linear_solver(20), parassm.DenseScan)
+        assert isinstance(default_linear_solver(65), parassm.QuasiScan)
+    with jax.enable_x64(dtype == jnp.float64):
+        cell = eqx.nn.GRUCell(3, 20, dtype=dtype, key=jr.key(0))
+        xs = jr.normal(jr.key(1), (200, 3), dtype)
+        s0 = jnp.zeros(20, dtype)
+
+        def loss(cell, parallel):
+            def f(h, x):
+                return cell(x, h)
+
+            if parallel:
+                hs = parassm.evaluate(f, s0, xs=xs, solver=parassm.DEER()).value
+            else:
+                hs = lax.scan(lambda h, x: (f(h, x),) * 2, s0, xs)[1]
+            return jnp.sum(jnp.sin(hs))
+
+        got = eqx.filter_grad(lambda c: loss(c, True))(cell)
+        want = eqx.filter_grad(lambda c: loss(c, False))(cell)
+        rtol = 1e-4 if dtype == jnp.float32 else 1e-9
+        assert tree_allclose(got, want, rtol=rtol, atol=rtol)
