@@ -113,6 +113,13 @@ class Contender:
     batch: Callable  # xs (B, T, 4) -> output
 
 
+def forms_dense(solver, size: int) -> bool:
+    """Whether `solver` forms dense maps of a state of `size` components on this
+    backend: DEER does not where its scans are sequential (`tangent_maps`)."""
+    tangent_maps = getattr(solver, "tangent_maps", None)
+    return not (tangent_maps is not None and tangent_maps(size))
+
+
 def compile_fn(fn, xs):
     start = time.perf_counter()
     comp = jax.jit(fn).lower(xs).compile()
@@ -200,7 +207,7 @@ def run_point(H, T, B, chosen, peers, rounds, base) -> list[dict]:
     contenders = [Contender("lax.scan", "baseline", scan, jax.vmap(scan))]
     skipped = []
     for name, solver in chosen.items():
-        if name in DENSE and B * T * H * H > DENSE_LIMIT:
+        if name in DENSE and forms_dense(solver, H) and B * T * H * H > DENSE_LIMIT:
             skipped.append(dict(point, name=name, skipped=f"dense maps over {DENSE_LIMIT:.0e}"))
             continue
         cap = ZEROTH_CAP if name in ZEROTH else None
