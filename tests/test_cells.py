@@ -98,3 +98,27 @@ def test_parallel_rnn_uses_closed_forms_and_differentiates_right(kind, solver, f
     expected_grads = eqx.filter_grad(loss)(cell, "scan")
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.default_scan
+def test_parallel_rnn_leaves_deer_without_jacobians_where_it_forms_none():
+    # On the CPU's default scan from 17 components DEER forms no Jacobian (one JVP per
+    # step), cheaper than the closed form's dense maps: ParallelRNN keeps it so; ELK,
+    # whose smoother needs them formed, and narrower states get the closed form.
+    from parassm.nn._rnn import with_closed_forms
+
+    cell = eqx.nn.GRUCell(3, 20, key=jr.key(0))
+    assert isinstance(with_closed_forms(parassm.DEER(), cell, 20).jacobian, parassm.ExactJacobian)
+    elk = with_closed_forms(parassm.ELK(), cell, 20)
+    assert isinstance(elk.jacobian, parassm.FunctionJacobian)
+    narrow = eqx.nn.GRUCell(3, 8, key=jr.key(0))
+    assert isinstance(
+        with_closed_forms(parassm.DEER(), narrow, 8).jacobian, parassm.FunctionJacobian
+    )
+    with parassm.linear.scan_impl("xla"):
+        deer = with_closed_forms(parassm.DEER(), cell, 20)
+        assert isinstance(deer.jacobian, parassm.FunctionJacobian)
+    xs = jr.normal(jr.key(1), (300, 3))
+    hs = parassm.nn.ParallelRNN(cell, solver=parassm.DEER())(xs)
+    expected = sequential(lambda s, x: cell(x, s), jnp.zeros(20), xs)
+    np.testing.assert_allclose(hs, expected, atol=1e-4, rtol=1e-4)

@@ -15,15 +15,26 @@ from .._solvers.quasi_deer import ExactDiagonal, FunctionDiagonal
 from ._cells import cell_derivatives
 
 
-def with_closed_forms(solver: AbstractSolver | None, cell) -> AbstractSolver | None:
+def with_closed_forms(
+    solver: AbstractSolver | None, cell, size: int | None = None
+) -> AbstractSolver | None:
     """`solver` with the cell's closed-form Jacobian or diagonal in place of the exact
     (forward-mode) one, for the cells whose closed forms `parassm.nn` knows (equinox's
-    GRU and LSTM cells); `solver` unchanged otherwise. The same numbers, cheaper."""
+    GRU and LSTM cells); `solver` unchanged otherwise. The same numbers, cheaper.
+
+    Except where the solver, given a state of `size` components, forms no Jacobian at
+    all (`tangent_maps`: DEER on a CPU from 17 components, one JVP per step), which is
+    cheaper than the closed form's dense maps: `ParallelRNN(GRUCell, solver=DEER())`,
+    float32, this 2-core CPU, CPU seconds, closed form against none, a training step
+    (value and gradient) of a batch of 8 at `H = 32`, `T = 2000`: 506 against 344 ms;
+    one sequence at `H = 64`, `T = 1e4`: 609 against 380 ms."""
     derivatives = None if solver is None else cell_derivatives(cell)
     if derivatives is None:
         return solver
     diagonal, jacobian = derivatives
     if type(getattr(solver, "jacobian", None)) is ExactJacobian:
+        if size is not None and solver.tangent_maps(size):
+            return solver
         return eqx.tree_at(lambda s: s.jacobian, solver, FunctionJacobian(jacobian))
     if type(getattr(solver, "diagonal", None)) is ExactDiagonal:
         return eqx.tree_at(lambda s: s.diagonal, solver, FunctionDiagonal(diagonal))
@@ -186,7 +197,8 @@ class ParallelRNN(eqx.Module):
                 init = jtu.tree_map(lambda x: jnp.flip(x, axis=0), init)
         kwargs: dict[str, Any] = {}
         if self.solver is not None:
-            kwargs["solver"] = with_closed_forms(self.solver, self.cell)
+            size = sum(jnp.size(leaf) for leaf in jtu.tree_leaves(state))
+            kwargs["solver"] = with_closed_forms(self.solver, self.cell, size)
         sol = evaluate(
             _CellStep(self.cell),
             state,
