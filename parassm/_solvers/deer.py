@@ -53,7 +53,9 @@ class FunctionJacobian(AbstractJacobian):
     For cells with structure this avoids the `D` JVPs per step: the Jacobian of a GRU
     or LSTM cell is a diagonal plus row-scaled copies of its recurrent weights,
     `O(D^2)` per step where the JVPs cost `O(D^3)`. [`parassm.nn.ParallelRNN`][] uses
-    the closed forms of `equinox.nn.GRUCell` and `equinox.nn.LSTMCell` automatically.
+    the closed forms of `equinox.nn.GRUCell` and `equinox.nn.LSTMCell` automatically,
+    except for DEER on a CPU from 17 components, which forms no Jacobian there at all
+    (one JVP per step) and is faster so.
 
     **Arguments:**
 
