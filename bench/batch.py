@@ -226,12 +226,12 @@ def run_point(H, T, B, chosen, peers, rounds, base) -> list[dict]:
 
     compiled = time_contenders(contenders, xs, rounds, base["clock"], f"H={H} T={T} B={B}")
 
-    ref = compiled["lax.scan", "batch"][3]
-    scan_s = {m: compiled["lax.scan", m][4] for m in ("single", "batch")}
+    ref = compiled["lax.scan", "batch"].output
+    scan_s = {m: compiled["lax.scan", m].run_s for m in ("single", "batch")}
     rows = []
     for c in contenders:
         for mode in ("single", "batch"):
-            out = compiled[c.name, mode][3]
+            out = compiled[c.name, mode].output
             value = trajectory_of(out)
             err = jnp.max(jnp.abs(value - (ref if mode == "batch" else ref[0])))
             row = timing_row(point, c, mode, compiled, scan_s, max_err=float(err))
@@ -249,36 +249,47 @@ def run_point(H, T, B, chosen, peers, rounds, base) -> list[dict]:
     return rows + skipped
 
 
-def time_contenders(contenders, xs, rounds, clock_name, label) -> dict:
-    """`(name, mode) -> [compiled, inputs, compile_s, output, fastest run_s]`: each
-    contender on the batch and on each of its sequences alone, compiled ahead of time,
-    then timed round-robin (the fastest of `rounds`). A single run's `run_s` is the
-    first sequence's, as the output is; `each_s` (added to the entry) holds every
-    sequence's, so that "B single runs" is what running the batch's own sequences one
-    by one costs, whichever of them needs more iterations."""
+@dataclasses.dataclass
+class Timed:
+    """A contender in one mode: its compiled program, the inputs it is timed on (the
+    batch, or each of its sequences alone), its compile time, its output (on the
+    batch or the first sequence) and the fastest run on each input."""
+
+    compiled: Callable
+    inputs: list
+    compile_s: float
+    output: object
+    each_s: list[float]
+
+    @property
+    def run_s(self) -> float:
+        """The fastest run on the first input (the batch, or the first sequence)."""
+        return self.each_s[0]
+
+
+def time_contenders(contenders, xs, rounds, clock_name, label) -> dict[tuple, Timed]:
+    """`(name, mode) -> Timed`: each contender on the batch and on each of its
+    sequences alone, compiled ahead of time, then timed round-robin (the fastest of
+    `rounds`). "B single runs" is then what running the batch's own sequences one by
+    one costs (`each_s`), whichever of them needs more iterations."""
     compiled = {}
     for c in contenders:
         for mode, fn, x in (("single", c.single, xs[0]), ("batch", c.batch, xs)):
             comp, compile_s, out = compile_fn(fn, x)
             inputs = list(xs) if mode == "single" else [xs]
-            compiled[c.name, mode] = [comp, inputs, compile_s, out, math.inf]
+            compiled[c.name, mode] = Timed(comp, inputs, compile_s, out, [math.inf] * len(inputs))
             print(
                 f"  {label} {c.name} {mode}: compiled in {compile_s:.1f} s",
                 file=sys.stderr,
                 flush=True,
             )
     clock = time.process_time if clock_name == "cpu" else time.perf_counter
-    fastest = {key: [math.inf] * len(entry[1]) for key, entry in compiled.items()}
     for _ in range(rounds):
-        for key, entry in compiled.items():
-            comp = entry[0]
-            for i, x in enumerate(entry[1]):
+        for timed in compiled.values():
+            for i, x in enumerate(timed.inputs):
                 start = clock()
-                jax.block_until_ready(comp(x))
-                fastest[key][i] = min(fastest[key][i], clock() - start)
-    for key, entry in compiled.items():
-        entry[4] = fastest[key][0]
-        entry.append(fastest[key])
+                jax.block_until_ready(timed.compiled(x))
+                timed.each_s[i] = min(timed.each_s[i], clock() - start)
     return compiled
 
 
@@ -325,12 +336,12 @@ def run_train_point(H, T, B, chosen, peers, rounds, base) -> list[dict]:
         for name, layer in layers.items()
     ]
     compiled = time_contenders(contenders, xs, rounds, base["clock"], f"H={H} T={T} B={B}")
-    scan_s = {m: compiled["train: lax.scan", m][4] for m in ("single", "batch")}
+    scan_s = {m: compiled["train: lax.scan", m].run_s for m in ("single", "batch")}
     rows = []
     for c in contenders:
         for mode in ("single", "batch"):
-            value, grads = compiled[c.name, mode][3]
-            ref_value, ref_grads = compiled["train: lax.scan", mode][3]
+            value, grads = compiled[c.name, mode].output
+            ref_value, ref_grads = compiled["train: lax.scan", mode].output
             err = max(
                 float(jnp.max(jnp.abs(a - b)))
                 for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads))
@@ -346,7 +357,7 @@ def timing_row(point, c, mode, compiled, scan_s, **measured) -> dict:
     """The row of contender `c` in `mode` (`time_contenders`' entries): its times,
     over `lax.scan`'s in the same mode (`scan_s`), and for a batch over `B` single
     runs; `measured` adds the accuracy fields."""
-    compile_s, run_s = compiled[c.name, mode][2], compiled[c.name, mode][4]
+    compile_s, run_s = compiled[c.name, mode].compile_s, compiled[c.name, mode].run_s
     row = dict(
         point,
         name=c.name,
@@ -358,7 +369,7 @@ def timing_row(point, c, mode, compiled, scan_s, **measured) -> dict:
         **measured,
     )
     if mode == "batch":
-        each = compiled[c.name, "single"][5]
+        each = compiled[c.name, "single"].each_s
         row["single_sum_s"] = sum(each)
         row["batch_cost"] = run_s / sum(each)
         row["batch_cost_first"] = run_s / (point["B"] * each[0])
