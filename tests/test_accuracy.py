@@ -241,7 +241,7 @@ def test_tangents_make_the_newton_correction_of_the_dense_maps():
     # and a non-finite product counts as zero as a non-finite map does.
     from parassm import _linear as linear
     from parassm._solvers import _jacobian as jacobian
-    from parassm._solvers._descent import newton_correction, Tangents
+    from parassm._solvers._descent import frozen, newton_correction, Tangents
     from parassm._solvers._measure import Problem
 
     with jax.enable_x64(True):
@@ -263,6 +263,10 @@ def test_tangents_make_the_newton_correction_of_the_dense_maps():
             want = newton_correction(dense, r, front)
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
             assert not jnp.any(got[: int(front)])
+            # The products a trust region's model of the merit takes.
+            got = Tangents(problem, s_prev).frozen_mv(S, front)
+            want = frozen(dense, front).mv(S)
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
         def blows_up(s, x):
             # A map whose Jacobian is infinite from step 200 on (a derivative of
@@ -280,24 +284,43 @@ def test_tangents_make_the_newton_correction_of_the_dense_maps():
         want = newton_correction(dense, r, jnp.array(3))
         assert jnp.all(jnp.isfinite(got))
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        got = Tangents(problem, s_prev).frozen_mv(S, jnp.array(3))
+        assert jnp.all(jnp.isfinite(got))
+        np.testing.assert_allclose(got, frozen(dense, jnp.array(3)).mv(S), rtol=1e-10, atol=1e-12)
+
+
+# ELK with a search that never damps takes DEER's Newton step (the default
+# `TrustRegion`; with thresholds, its model of the merit is made by JVPs too).
+UNDAMPED_MODEL = parassm.TrustRegion(accept_ratio=0.1, bad_ratio=0.1, good_ratio=0.5)
 
 
 @pytest.mark.default_scan
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
-def test_deer_takes_the_jacobians_unformed_where_scans_are_sequential(dtype):
-    # On the CPU's default scan from 17 components DEER's Newton corrections take the
-    # Jacobians as one JVP per step: no `T x D x D` array in its program, and the same
-    # steps and answer as DEER with the same Jacobians formed (a closed form).
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: parassm.DEER(**kw),
+        lambda **kw: parassm.ELK(**kw),
+        lambda **kw: parassm.ELK(search=UNDAMPED_MODEL, **kw),
+    ],
+    ids=["DEER", "ELK", "ELK-model"],
+)
+def test_jacobians_unformed_where_scans_are_sequential(dtype, make):
+    # On the CPU's default scan from 17 components the Newton corrections of DEER (and
+    # of ELK undamped) take the Jacobians as one JVP per step: no `T x D x D` array in
+    # the program, and the same steps and answer as with the same Jacobians formed (a
+    # closed form). A damped ELK, whose smoother needs them, forms them.
     with jax.enable_x64(dtype == jnp.float64):
         system = parassm.systems.GRU(hidden_size=20, input_size=2, dtype=dtype)
         T = 500
         xs = system.inputs(T, key=jr.key(7))
         truth = jax.lax.scan(lambda s, x: (system.f(s, x),) * 2, system.s0, xs)[1]
-        formed = parassm.DEER(
-            jacobian=parassm.FunctionJacobian(lambda s, x: jax.jacfwd(system.f)(s, x))
-        )
-        assert parassm.DEER().tangent_maps(20) and not parassm.ELK().tangent_maps(20)
-        assert not formed.tangent_maps(20) and not parassm.DEER().tangent_maps(16)
+        formed = make(jacobian=parassm.FunctionJacobian(lambda s, x: jax.jacfwd(system.f)(s, x)))
+        unformed = make()
+        assert unformed.tangent_maps(20) and not unformed.tangent_maps(16)
+        assert not formed.tangent_maps(20)
+        damped = parassm.ELK(search=parassm.TrustRegion(initial_damping=1e-3))
+        assert not damped.tangent_maps(20)
 
         def run(solver):
             return parassm.evaluate(system.f, system.s0, xs=xs, solver=solver, throw=False)
@@ -320,11 +343,12 @@ def test_deer_takes_the_jacobians_unformed_where_scans_are_sequential(dtype):
             return seen
 
         assert (T, 20, 20) in shapes(formed)
-        assert (T, 20, 20) not in shapes(parassm.DEER())
-        got, want = run(parassm.DEER()), run(formed)
+        assert (T, 20, 20) in shapes(damped)
+        assert (T, 20, 20) not in shapes(unformed)
+        got, want = run(unformed), run(formed)
         assert got.result == parassm.RESULTS.successful == want.result
         assert int(got.stats["num_steps"]) == int(want.stats["num_steps"])
         scale = float(jnp.max(jnp.abs(truth)))
-        rtol, _ = parassm.DEER().tolerances(jnp.dtype(dtype))
+        rtol, _ = unformed.tolerances(jnp.dtype(dtype))
         assert float(jnp.max(jnp.abs(got.value - truth))) <= 10 * rtol * scale
         np.testing.assert_allclose(got.value, want.value, rtol=0, atol=10 * rtol * scale)

@@ -103,13 +103,16 @@ def test_parallel_rnn_uses_closed_forms_and_differentiates_right(kind, solver, f
 @pytest.mark.default_scan
 def test_parallel_rnn_leaves_deer_without_jacobians_where_it_forms_none():
     # On the CPU's default scan from 17 components DEER forms no Jacobian (one JVP per
-    # step), cheaper than the closed form's dense maps: ParallelRNN keeps it so; ELK,
-    # whose smoother needs them formed, and narrower states get the closed form.
+    # step), cheaper than the closed form's dense maps: ParallelRNN keeps it so, and so
+    # for ELK whose search never damps (the default); a damped ELK, whose smoother needs
+    # them formed, and narrower states get the closed form.
     from parassm.nn._rnn import with_closed_forms
 
     cell = eqx.nn.GRUCell(3, 20, key=jr.key(0))
     assert isinstance(with_closed_forms(parassm.DEER(), cell, 20).jacobian, parassm.ExactJacobian)
-    elk = with_closed_forms(parassm.ELK(), cell, 20)
+    assert isinstance(with_closed_forms(parassm.ELK(), cell, 20).jacobian, parassm.ExactJacobian)
+    damped = parassm.ELK(search=parassm.TrustRegion(initial_damping=1e-3))
+    elk = with_closed_forms(damped, cell, 20)
     assert isinstance(elk.jacobian, parassm.FunctionJacobian)
     narrow = eqx.nn.GRUCell(3, 8, key=jr.key(0))
     assert isinstance(

@@ -23,6 +23,7 @@ import abc
 from collections.abc import Callable
 
 import equinox as eqx
+import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -85,6 +86,12 @@ class AbstractDescent(eqx.Module):
         """The linear model's residual $r + \\Delta - A \\Delta_{\\text{prev}}$ at the
         correction `delta` (for trust-region searches)."""
         raise TypeError(f"{type(self).__name__} has no model for a trust-region search.")
+
+    @property
+    def products_only(self) -> bool:
+        """Whether the maps are used only in products with vectors (a correction by a
+        causal scan, a model's residual): they may then be `Tangents`, not formed."""
+        return False
 
 
 def jacobi_correction(r: Float[Array, "T D"], front: Int[Array, ""]) -> Float[Array, "T D"]:
@@ -196,8 +203,9 @@ class Tangents(eqx.Module):
     non-finite products as the dense maps' (`newton_correction`). No `T D^2` numbers,
     where the dense maps cost a pass of `D` JVPs per step and a dense scan.
 
-    [`parassm.DEER`][] takes them from `SEQUENTIAL_FROM` components on
-    `parassm.linear.LoopScan` (`JacobianMaps.tangent_maps`). DEER's whole solve of a
+    [`parassm.DEER`][] (and [`parassm.ELK`][] whose search never damps) takes them
+    from `SEQUENTIAL_FROM` components on `parassm.linear.LoopScan`
+    (`JacobianMaps.tangent_maps`). DEER's whole solve of a
     GRU, float32, 2-core CPU, CPU seconds, the same 3 steps either way, dense maps
     against these: `T = 1e4`, `H = 32` 143 against 122 ms, `H = 64` 479 against 242 ms;
     a batch of 8, `H = 32`, `T = 2000`, 362 against 265 ms."""
@@ -212,6 +220,18 @@ class Tangents(eqx.Module):
         c = jacobi_correction(r, front)
         return jacobian.tangent_scan(problem.fn, self.s_prev, problem.xs, c, free)
 
+    def frozen_mv(self, v: Float[Array, "T D"], front: Int[Array, ""]) -> Array:
+        """`frozen(A, front).mv(v)` with these Jacobians: `J_t v_t` for `t > front`
+        (zero before, and where not finite), one JVP per step, all steps at once."""
+        problem = self.problem
+
+        def push(s, x, v):
+            return jax.jvp(lambda s: problem.fn(s, x), (s,), (v,))[1]
+
+        pushed = jax.vmap(push)(self.s_prev, problem.xs, v)
+        free = (_times(v) > front)[:, None]
+        return jnp.where(free & jnp.isfinite(pushed), pushed, jnp.zeros((), v.dtype))
+
 
 class NewtonDescent(AbstractDescent):
     r"""The (quasi-)Newton correction $\Delta^N_t = A_t \Delta^N_{t-1} - r_t$, solved by
@@ -222,6 +242,10 @@ class NewtonDescent(AbstractDescent):
         if isinstance(transition, Tangents):
             return transition.newton_correction(r, front)
         return newton_correction(transition, r, front)
+
+    @property
+    def products_only(self):
+        return True
 
     def correction(self, state):
         return state
@@ -294,10 +318,17 @@ class LevenbergMarquardtDescent(AbstractDescent):
 
     damped: bool = eqx.field(default=True, static=True)
 
+    @property
+    def products_only(self):
+        # Undamped, the correction is the Newton one, by the causal scan.
+        return not self.damped
+
     def prepare(self, transition, r, front):
         # The undamped (Newton) correction, by the causal scan, outside the branches of
         # `step`: it is the usual trial, and the dense maps it reads are not copied
         # into a conditional.
+        if isinstance(transition, Tangents):
+            return transition, r, front, transition.newton_correction(r, front)
         A = kalman_transition(transition, r.shape[1])
         return A, r, front, newton_correction(A, r, front)
 
@@ -317,4 +348,6 @@ class LevenbergMarquardtDescent(AbstractDescent):
 
     def model_residual(self, state, r, delta):
         A, _, front, _ = state
+        if isinstance(A, Tangents):
+            return r + delta - A.frozen_mv(shift(delta), front)
         return r + delta - frozen(A, front).mv(shift(delta))

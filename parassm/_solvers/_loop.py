@@ -42,9 +42,9 @@ the whole batch and only when one of its elements needs it). Where the maps are 
 formed in a pass of their own, only at an accepted iterate that is not converged, so
 that the pass that confirms convergence and a rejected trial cost one evaluation of `f`
 and no Jacobian; otherwise the values and the maps of every trial come from one pass.
-Where a solver takes its Jacobians unformed (`solver.tangent_maps`: DEER on a CPU from
-17 components) the maps are the previous states alone (`_descent.Tangents`) and the
-descent makes its correction by one JVP per step.
+Where a solver takes its Jacobians unformed (`solver.tangent_maps`: DEER, and ELK whose
+search never damps, on a CPU from 17 components) the maps are the previous states alone
+(`_descent.Tangents`) and the descent makes its correction by one JVP per step.
 
 Safeguards that keep the causality bound "at most T accepted iterations" in floating
 point whatever the step is (not rules: they cannot be switched off):

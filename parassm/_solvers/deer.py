@@ -8,7 +8,7 @@ from jaxtyping import Array, Float
 
 from .. import _linear as linear
 from . import _jacobian as jacobian
-from ._descent import corrects_sequentially, NewtonDescent
+from ._descent import corrects_sequentially
 from ._parallel import AbstractNewtonSolver, Problem
 from ._rules import JACOBIAN_RULES, Rules
 from ._search import AbstractSearch, Backtracking
@@ -87,8 +87,9 @@ class FunctionJacobian(AbstractJacobian):
 class JacobianMaps(eqx.Module):
     """The maps of a solver that linearises with the Jacobians its `jacobian` forms
     ([`parassm.DEER`][], [`parassm.ELK`][]): dense, formed in a pass of their own (a
-    trial then costs only `f`), and exact; for a Newton descent on a CPU from 17
-    components, not formed at all (`tangent_maps`)."""
+    trial then costs only `f`), and exact; for a descent that takes only their
+    products (Newton's; Levenberg-Marquardt's undamped) on a CPU from 17 components,
+    not formed at all (`tangent_maps`)."""
 
     jacobian: AbstractVar[AbstractJacobian]
 
@@ -99,9 +100,11 @@ class JacobianMaps(eqx.Module):
         return tangent_estimate(self.jacobian, size)
 
     def tangent_maps(self, size):
-        # The Newton correction needs only products with the Jacobians; the
-        # Levenberg-Marquardt one (ELK) needs them formed, for the Kalman smoother.
-        return isinstance(self.descent, NewtonDescent) and tangent_estimate(self.jacobian, size)
+        # The Newton correction needs only products with the Jacobians. So does ELK's
+        # where its search takes only the undamped and the Jacobi steps and makes no
+        # model of the merit (the default `TrustRegion`: the Newton correction, by the
+        # same scan); a damped step needs them formed, for the Kalman smoother.
+        return self.descent.products_only and tangent_estimate(self.jacobian, size)
 
     def linearise(self, problem, s_prev, iteration):
         fs, J = self.jacobian(problem, s_prev, iteration)
