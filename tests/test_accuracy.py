@@ -352,3 +352,28 @@ def test_jacobians_unformed_where_scans_are_sequential(dtype, make):
         rtol, _ = unformed.tolerances(jnp.dtype(dtype))
         assert float(jnp.max(jnp.abs(got.value - truth))) <= 10 * rtol * scale
         np.testing.assert_allclose(got.value, want.value, rtol=0, atol=10 * rtol * scale)
+
+
+@pytest.mark.parametrize("batch_size", [None, 8, 4], ids=["all", "two-blocks", "one-block"])
+def test_block_diagonals_are_the_blocks_of_the_jacobian(batch_size):
+    # The `k x k` diagonal blocks `BlockQuasiDEER` forms are those of the dense
+    # Jacobian, for a map that is not block diagonal, whatever the columns in flight
+    # (20 components in blocks of 4: `batch_size=8` takes two blocks at a time and one
+    # left over), and the values are `f`'s.
+    from parassm._solvers import _jacobian as jacobian
+
+    with jax.enable_x64(True):
+        system = parassm.systems.GRU(hidden_size=20, input_size=2, dtype=jnp.float64)
+        T, k = 50, 4
+        xs = system.inputs(T, key=jr.key(3))
+        s_prev = jr.normal(jr.key(4), (T, 20), jnp.float64)
+        values, blocks = jacobian.value_and_block_diagonal(system.f, s_prev, xs, k, batch_size)
+        dense = jacobian.dense(system.f, s_prev, xs)
+        assert blocks.shape == (T, 20 // k, k, k)
+        for b in range(20 // k):
+            want = dense[:, b * k : (b + 1) * k, b * k : (b + 1) * k]
+            np.testing.assert_allclose(blocks[:, b], want, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(values, jax.vmap(system.f)(s_prev, xs), rtol=1e-12)
+        # The map couples the blocks: the blocks are not the whole Jacobian.
+        outside = (jnp.arange(20)[:, None] // k) != (jnp.arange(20)[None, :] // k)
+        assert float(jnp.max(jnp.abs(jnp.where(outside, dense, 0)))) > 1e-3

@@ -185,9 +185,18 @@ def value_and_block_diagonal(
         cols = lax.dynamic_slice_in_dim(eye, first * k, count * k)
 
         def per_step(s, x):
-            value, c = _columns(fn, s, x, cols)  # c[i, j], j over the chosen columns
-            rows = lax.dynamic_slice_in_dim(c, first * k, count * k)
-            return value, jnp.einsum("bibj->bij", rows.reshape(count, k, count, k))
+            def push(v):
+                return jax.jvp(lambda s: fn(s, x), (s,), (v,))
+
+            # The JVPs as rows, `r[j, i] = J[i, j]` (the layout the vectorised tangents
+            # come in), then the diagonal blocks by `jnp.diagonal` over the block
+            # indices, `[b, i, j] = J[bk + i, bk + j]`. (A repeated-index `einsum` of
+            # the columns took twice the time on one sequence and 7x under `jax.vmap`
+            # over 8: GRU, H = 32, T = 2000, k = 4, CPU.)
+            value, r = jax.vmap(push, out_axes=(None, 0))(cols)
+            r = lax.dynamic_slice_in_dim(r, first * k, count * k, axis=1)
+            d = jnp.diagonal(r.reshape(count, k, count, k), axis1=0, axis2=2)
+            return value, jnp.transpose(d, (2, 1, 0))
 
         return jax.vmap(per_step, in_axes=_in_axes(xs))(s_prev, xs)  # [t, b, i, j]
 
