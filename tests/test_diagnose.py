@@ -330,3 +330,37 @@ def test_work_of_elk_follows_its_search():
         cost = work(solver(search=damped), D)
         assert cost.scan_flops > undamped.scan_flops
         assert cost.evaluations > undamped.evaluations
+
+
+def test_a_loop_scan_machine_costs_unformed_jacobians_as_a_scan_of_jvps():
+    # From 17 components DEER (and ELK undamped) form no Jacobians where the linear
+    # solve is a loop over time: one iteration is a pass of the values and a loop of one
+    # JVP per step, not `D` JVPs per step and a dense loop. A closed form, a damped
+    # search or a narrower state keep the dense cost.
+    from parassm.diagnostics._predict import (
+        iteration_time,
+        JVP_EVALUATIONS,
+        PASSES_PER_ITERATION,
+        work,
+    )
+
+    loop = dataclasses.replace(GPU_LIKE, loop_scan=True)
+    flops, length = 1e4, 10_000
+    closed = parassm.FunctionJacobian(lambda s, x: jnp.eye(s.shape[0]))
+    damped = parassm.TrustRegion(max_trials=3)
+    values = PASSES_PER_ITERATION * loop.call_latency + length * flops / loop.vector_flops
+    want = values + loop.sequential_time(length, JVP_EVALUATIONS * flops)
+    for D in (32, 64):
+        for solver in (parassm.DEER(), parassm.ELK()):
+            assert work(solver, D).tangents
+            assert iteration_time(solver, D, flops, length, loop) == pytest.approx(want)
+        for solver in (parassm.DEER(jacobian=closed), parassm.ELK(search=damped)):
+            assert not work(solver, D).tangents
+            assert iteration_time(solver, D, flops, length, loop) >= loop.sequential_time(
+                length, 2 * D**2
+            )
+    assert not work(parassm.DEER(), 16).tangents
+    # With the associative scan they are formed: `D` JVPs per step cost more than a
+    # closed form's one evaluation.
+    wide = iteration_time(parassm.DEER(), 64, flops, length, GPU_LIKE)
+    assert wide > iteration_time(parassm.DEER(jacobian=closed), 64, flops, length, GPU_LIKE)

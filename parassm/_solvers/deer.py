@@ -8,7 +8,7 @@ from jaxtyping import Array, Float
 
 from .. import _linear as linear
 from . import _jacobian as jacobian
-from ._descent import corrects_sequentially
+from ._descent import corrects_sequentially, SEQUENTIAL_FROM
 from ._parallel import AbstractNewtonSolver, Problem
 from ._rules import JACOBIAN_RULES, Rules
 from ._search import AbstractSearch, Backtracking
@@ -35,6 +35,13 @@ class ExactJacobian(AbstractJacobian):
         return jacobian.value_and_dense(problem.fn, s_prev, problem.xs)
 
 
+def unformed(how: AbstractJacobian, size: int) -> bool:
+    """Whether Jacobians that `how` forms are taken unformed on a machine whose linear
+    scans run one step after the other: by JVPs (`ExactJacobian`), from
+    `SEQUENTIAL_FROM` components (a closed form keeps its maps)."""
+    return isinstance(how, ExactJacobian) and size >= SEQUENTIAL_FROM
+
+
 def tangent_estimate(how: AbstractJacobian, size: int) -> bool:
     """Whether a solver whose maps are the Jacobians `how` forms makes the estimate of
     the error without them, by one JVP per step (`_descent.corrects_sequentially`):
@@ -42,7 +49,7 @@ def tangent_estimate(how: AbstractJacobian, size: int) -> bool:
     estimate then costs one scan of JVPs instead of a pass of dense Jacobians and a
     dense scan (GRU, `T = 1e4`, float32, this 2-core CPU: `D = 32` 13 against
     93 + 11 ms, `D = 64` 26 against 420 + 41 ms). A closed form keeps its maps."""
-    return isinstance(how, ExactJacobian) and corrects_sequentially(size)
+    return unformed(how, size) and corrects_sequentially(size)
 
 
 class FunctionJacobian(AbstractJacobian):
