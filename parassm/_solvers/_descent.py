@@ -205,10 +205,10 @@ class Tangents(eqx.Module):
 
     [`parassm.DEER`][] (and [`parassm.ELK`][] whose search never damps) takes them
     from `SEQUENTIAL_FROM` components on `parassm.linear.LoopScan`
-    (`JacobianMaps.tangent_maps`). DEER's whole solve of a
-    GRU, float32, 2-core CPU, CPU seconds, the same 3 steps either way, dense maps
-    against these: `T = 1e4`, `H = 32` 143 against 122 ms, `H = 64` 479 against 242 ms;
-    a batch of 8, `H = 32`, `T = 2000`, 362 against 265 ms."""
+    (`JacobianMaps.tangent_maps`). DEER's whole solve of a GRU, float32, 2-core CPU,
+    CPU seconds, the same 3 steps either way, dense maps against these: `T = 1e4`,
+    `H = 32` 143 against 122 ms, `H = 64` 479 against 242 ms; a batch of 8, `H = 32`,
+    `T = 2000`, 362 against 265 ms."""
 
     problem: Problem
     s_prev: Float[Array, "T D"]

@@ -108,9 +108,10 @@ class JacobianMaps(eqx.Module):
 
     def tangent_maps(self, size):
         # The Newton correction needs only products with the Jacobians. So does ELK's
-        # where its search takes only the undamped and the Jacobi steps and makes no
-        # model of the merit (the default `TrustRegion`: the Newton correction, by the
-        # same scan); a damped step needs them formed, for the Kalman smoother.
+        # where its search takes only the undamped and the Jacobi steps (the default
+        # `TrustRegion`): the Newton correction by the same scan, and a model of the
+        # merit, where the search makes one, by one parallel pass of JVPs. A damped
+        # step needs them formed, for the Kalman smoother.
         return self.descent.products_only and tangent_estimate(self.jacobian, size)
 
     def linearise(self, problem, s_prev, iteration):

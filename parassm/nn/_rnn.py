@@ -25,10 +25,10 @@ def with_closed_forms(
     Except where the solver, given a state of `size` components, forms no Jacobian at
     all (`tangent_maps`: DEER, and ELK undamped, on a CPU from 17 components, one JVP
     per step), which is cheaper than the closed form's dense maps:
-    `ParallelRNN(GRUCell, solver=DEER())`,
-    float32, this 2-core CPU, CPU seconds, closed form against none, a training step
-    (value and gradient) of a batch of 8 at `H = 32`, `T = 2000`: 506 against 344 ms;
-    one sequence at `H = 64`, `T = 1e4`: 609 against 380 ms."""
+    `ParallelRNN(GRUCell, solver=DEER())`, float32, this 2-core CPU, CPU seconds,
+    closed form against none, a training step (value and gradient) of a batch of 8 at
+    `H = 32`, `T = 2000`: 506 against 344 ms; one sequence at `H = 64`, `T = 1e4`: 609
+    against 380 ms."""
     derivatives = None if solver is None else cell_derivatives(cell)
     if derivatives is None:
         return solver
