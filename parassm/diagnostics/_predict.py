@@ -163,7 +163,7 @@ def _quasi_elk(solver: QuasiELK, size: int) -> Work:
 
 def _deer(solver: DEER, size: int) -> Work:
     evaluations = 2.0 if isinstance(solver.jacobian, FunctionJacobian) else 1.0 + size
-    tangents = solver.descent.products_only and unformed(solver.jacobian, size)
+    tangents = unformed(solver.jacobian, size)
     return Work(solver, evaluations, *_dense(size), tangents=tangents)
 
 
