@@ -39,6 +39,7 @@ machine-independent.
 import argparse
 import json
 import pathlib
+import sys
 import time
 
 import jax
@@ -47,6 +48,11 @@ import jax.numpy as jnp
 import parassm
 from parassm._timing import environment, measure
 from parassm.systems import Logistic, Lorenz63, MeanFieldRNN, TanhRNN, TwoWellLangevin
+
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from core import git_sha  # noqa: E402  (the stamp every bench row carries)
 
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -126,7 +132,7 @@ def main(argv=None):
     if "float64" in args.dtype:
         # Every array below has an explicit dtype, so float32 rows stay float32.
         jax.config.update("jax_enable_x64", True)
-    env = environment()
+    env = dict(git_sha=git_sha(), **environment())
     rows = []
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
