@@ -62,6 +62,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import core  # noqa: E402  (stamps and result names)
 import parassm  # noqa: E402
+from core import forms_dense  # noqa: E402
 from peers import Case, load_peers, peer_runs  # noqa: E402
 
 
@@ -111,13 +112,6 @@ class Contender:
     kind: str  # baseline | parassm | peer
     single: Callable  # xs (T, 4) -> output
     batch: Callable  # xs (B, T, 4) -> output
-
-
-def forms_dense(solver, size: int) -> bool:
-    """Whether `solver` forms dense maps of a state of `size` components on this
-    backend: DEER does not where its scans are sequential (`tangent_maps`)."""
-    tangent_maps = getattr(solver, "tangent_maps", None)
-    return not (tangent_maps is not None and tangent_maps(size))
 
 
 def compile_fn(fn, xs):

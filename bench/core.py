@@ -205,6 +205,13 @@ class Plan:
     note: str = ""
 
 
+def forms_dense(solver, size: int) -> bool:
+    """Whether `solver` forms dense maps of a state of `size` components on this
+    backend: DEER does not where its scans are sequential (`tangent_maps`)."""
+    tangent_maps = getattr(solver, "tangent_maps", None)
+    return not (tangent_maps is not None and tangent_maps(size))
+
+
 def plan_solvers(problem: Problem, profile: Profile) -> list[Plan]:
     """The solvers to run on `problem`, with caps and skips (and why)."""
     T, D, B = problem.T, problem.D, problem.batch
@@ -237,7 +244,13 @@ def plan_solvers(problem: Problem, profile: Profile) -> list[Plan]:
     capped1 = f"capped at max_steps={cap1}" if cap1 < T else ""
     block = 4 if D % 4 == 0 else (2 if D % 2 == 0 else 1)
     plans = [
-        Plan("DEER", parassm.DEER(), max_steps=cap1, skip=too_dense, note=capped1),
+        Plan(
+            "DEER",
+            parassm.DEER(),
+            max_steps=cap1,
+            skip=too_dense if forms_dense(parassm.DEER(), D) else None,
+            note=capped1,
+        ),
         Plan(
             "QuasiDEER",
             parassm.QuasiDEER(parassm.ExactDiagonal(batch_size=batch)),
