@@ -50,12 +50,12 @@ from parassm._timing import environment, measure
 from parassm.systems import Logistic, Lorenz63, MeanFieldRNN, TanhRNN, TwoWellLangevin
 
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
 from core import git_sha  # noqa: E402  (the stamp every bench row carries)
 
 
-HERE = pathlib.Path(__file__).resolve().parent
 _NAMES = {int(item._value): name for name, item in parassm.RESULTS._name_to_item.items()}
 
 

@@ -243,12 +243,13 @@ def plan_solvers(problem: Problem, profile: Profile) -> list[Plan]:
     capped0 = f"capped at max_steps={cap0} (may need ~T={T})" if cap0 < T else ""
     capped1 = f"capped at max_steps={cap1}" if cap1 < T else ""
     block = 4 if D % 4 == 0 else (2 if D % 2 == 0 else 1)
+    deer = parassm.DEER()
     plans = [
         Plan(
             "DEER",
-            parassm.DEER(),
+            deer,
             max_steps=cap1,
-            skip=too_dense if forms_dense(parassm.DEER(), D) else None,
+            skip=too_dense if forms_dense(deer, D) else None,
             note=capped1,
         ),
         Plan(
