@@ -43,7 +43,6 @@ the table as Markdown (for docs/benchmarks.md).
 """
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -64,7 +63,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import core  # noqa: E402  (stamps and result names)
 import parassm  # noqa: E402
 from core import forms_dense  # noqa: E402
-from parassm._solvers import _jacobian as jacobian  # noqa: E402
 from peers import Case, load_peers, peer_runs  # noqa: E402
 
 
@@ -114,26 +112,6 @@ class Contender:
     kind: str  # baseline | parassm | peer
     single: Callable  # xs (T, 4) -> output
     batch: Callable  # xs (B, T, 4) -> output
-    one_pass: bool = False  # compiled with every pass over the steps in one piece
-
-
-@contextlib.contextmanager
-def passes(one_pass: bool):
-    """Compile with parassm's passes over the steps in one vectorised piece
-    (`one_pass`) or as the library decides (chunks on a CPU where a pass would leave
-    the cache): `_jacobian.CHUNK_ABOVE`, read when a program is traced, with
-    parassm's traced programs dropped before and after."""
-    if not one_pass:
-        yield
-        return
-    saved = jacobian.CHUNK_ABOVE
-    jacobian.CHUNK_ABOVE = None
-    parassm.clear_programs()
-    try:
-        yield
-    finally:
-        jacobian.CHUNK_ABOVE = saved
-        parassm.clear_programs()
 
 
 def compile_fn(fn, xs):
@@ -176,12 +154,6 @@ def main(argv=None) -> int:
         help="time a training step (value and gradient) through ParallelRNN instead",
     )
     parser.add_argument("--md", action="store_true", help="print the table as Markdown")
-    parser.add_argument(
-        "--one-pass",
-        action="store_true",
-        help="also run each parassm solver with its passes over the steps in one "
-        "vectorised piece (no chunks), in the same process",
-    )
     args = parser.parse_args(argv)
     grid = dict(PROFILES[args.profile])
     for key in ("H", "T", "B"):
@@ -205,16 +177,7 @@ def main(argv=None) -> int:
     for H in grid["H"]:
         for T in grid["T"]:
             for B in grid["B"]:
-                rows += point_fn(
-                    H,
-                    T,
-                    B,
-                    chosen,
-                    peers,
-                    args.rounds,
-                    dict(base, clock=args.clock),
-                    one_pass=args.one_pass,
-                )
+                rows += point_fn(H, T, B, chosen, peers, args.rounds, dict(base, clock=args.clock))
                 out_path.parent.mkdir(parents=True, exist_ok=True)
                 out_path.write_text(json.dumps(rows, indent=1, default=float) + "\n")
                 jax.clear_caches()
@@ -223,7 +186,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_point(H, T, B, chosen, peers, rounds, base, one_pass=False) -> list[dict]:
+def run_point(H, T, B, chosen, peers, rounds, base) -> list[dict]:
     cell = eqx.nn.GRUCell(4, H, dtype=jnp.float32, key=jr.key(0))
     s0 = jnp.zeros(H, jnp.float32)
     xs = jr.normal(jr.key(1), (B, T, 4), jnp.float32)
@@ -247,15 +210,6 @@ def run_point(H, T, B, chosen, peers, rounds, base, one_pass=False) -> list[dict
             return parassm.evaluate(f, s0, xs=xs, solver=solver, max_steps=cap, throw=False)
 
         contenders.append(Contender(name, "parassm", run, jax.vmap(run)))
-        if one_pass:
-            # Functions of their own: `jax.jit` would find the programs traced above
-            # (with chunks) in its cache.
-            def once(xs, run=run):
-                return run(xs)
-
-            contenders.append(
-                Contender(f"{name} (one pass)", "parassm", once, jax.vmap(once), one_pass=True)
-            )
     if peers:
         case = Case(cell, xs[0], s0)
         for name, (run, _) in peer_runs(case, peers).items():
@@ -315,8 +269,7 @@ def time_contenders(contenders, xs, rounds, clock_name, label) -> dict[tuple, Ti
     compiled = {}
     for c in contenders:
         for mode, fn, x in (("single", c.single, xs[0]), ("batch", c.batch, xs)):
-            with passes(c.one_pass):
-                comp, compile_s, out = compile_fn(fn, x)
+            comp, compile_s, out = compile_fn(fn, x)
             inputs = list(xs) if mode == "single" else [xs]
             compiled[c.name, mode] = Timed(comp, inputs, compile_s, out, [math.inf] * len(inputs))
             print(
@@ -344,7 +297,7 @@ class ScanRNN(eqx.Module):
         return jax.lax.scan(lambda h, x: (self.cell(x, h),) * 2, h0, xs)[1]
 
 
-def run_train_point(H, T, B, chosen, peers, rounds, base, one_pass=False) -> list[dict]:
+def run_train_point(H, T, B, chosen, peers, rounds, base) -> list[dict]:
     """A training step on one sequence and on a batch (`jax.vmap` of the layer inside
     the loss): the loss's value and its gradient with respect to the cell's
     parameters. Returns the steps' rows, like `run_point`."""
@@ -369,15 +322,12 @@ def run_train_point(H, T, B, chosen, peers, rounds, base, one_pass=False) -> lis
 
     contenders = [
         Contender(
-            f"train: {name}{suffix}",
+            f"train: {name}",
             "baseline" if name == "lax.scan" else "parassm",
             training_step(layer, False),
             training_step(layer, True),
-            one_pass=bool(suffix),
         )
         for name, layer in layers.items()
-        for suffix in ("", " (one pass)")
-        if not suffix or (one_pass and name != "lax.scan")
     ]
     compiled = time_contenders(contenders, xs, rounds, base["clock"], f"H={H} T={T} B={B}")
     scan_s = {m: compiled["train: lax.scan", m].run_s for m in ("single", "batch")}
