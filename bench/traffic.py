@@ -112,12 +112,12 @@ def body_traffic(lines: list[str]) -> tuple[int, int, int]:
     return total, selects, count
 
 
-def newton_body(hlo: str) -> list[str]:
-    """The body of the program's largest while loop by traffic: the Newton loop (the
-    others are scans over time, whose bodies move one step)."""
+def newton_traffic(hlo: str) -> tuple[int, int, int]:
+    """`body_traffic` of the program's largest while loop body by traffic: the Newton
+    loop (the others are scans over time, whose bodies move one step)."""
     comps = computations(hlo)
     bodies = set(re.findall(r"body=%([\w.\-]+)", hlo))
-    return max((comps[b] for b in bodies if b in comps), key=lambda c: body_traffic(c)[0])
+    return max((body_traffic(comps[b]) for b in bodies if b in comps), key=lambda t: t[0])
 
 
 def measure_point(H: int, T: int, B: int, name: str, solver, base: dict) -> list[dict]:
@@ -137,7 +137,7 @@ def measure_point(H: int, T: int, B: int, name: str, solver, base: dict) -> list
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         hlo = compiled.as_text()
-        body, selects, count = body_traffic(newton_body(hlo))
+        body, selects, count = newton_traffic(hlo)
         rows.append(
             dict(
                 base,
